@@ -1,0 +1,137 @@
+//! The engine: applies events2 lines to the state, derives change updates and fans them out to plugin
+//! instances; applies policy changes as reloads without losing or duplicating an event.
+//!
+//! [`Engine`] is the synchronous core (bytes in, updates out) that tests and benchmarks drive directly;
+//! [`runtime`] wraps it in a task with channels, plugin instances and reloads.
+
+pub mod apply;
+pub mod runtime;
+pub mod update;
+
+use crate::drbd::events2::{parse_line, strip_ansi};
+use apply::State;
+use std::time::{Duration, Instant};
+use update::Update;
+
+/// Counts of one chunk of input.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkStats {
+    pub lines: u64,
+    pub malformed: u64,
+}
+
+/// Logs malformed lines without flooding: at most `burst` lines per `window`, then one summary.
+#[derive(Debug)]
+pub struct LogLimiter {
+    window: Duration,
+    burst: u32,
+    start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(burst: u32, window: Duration) -> LogLimiter {
+        LogLimiter {
+            window,
+            burst,
+            start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    pub fn malformed(&mut self, line: &str, reason: &str) {
+        let now = Instant::now();
+        if self
+            .start
+            .is_none_or(|s| now.duration_since(s) > self.window)
+        {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    suppressed = self.suppressed,
+                    "more malformed events2 lines were skipped without logging"
+                );
+            }
+            self.start = Some(now);
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < self.burst {
+            self.logged += 1;
+            let shown: String = line.chars().take(512).collect();
+            tracing::warn!(reason, line = %shown, "skipping malformed events2 line");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+pub struct Engine {
+    pub state: State,
+    limiter: LogLimiter,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new()
+    }
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        Engine {
+            state: State::new(),
+            limiter: LogLimiter::new(20, Duration::from_secs(60)),
+        }
+    }
+
+    /// Applies one line (without its newline); a malformed line is logged (rate-limited) and skipped.
+    /// Returns false for a malformed line.
+    pub fn apply_line(&mut self, line: &str, out: &mut Vec<Update>) -> bool {
+        let clean = strip_ansi(line);
+        match parse_line(&clean) {
+            Ok(l) => {
+                self.state.apply(&l, out);
+                true
+            }
+            Err(e) => {
+                self.limiter.malformed(line, &e.reason);
+                false
+            }
+        }
+    }
+
+    /// Records a line that was rejected before parsing (invalid UTF-8, too long, cut off).
+    pub fn reject(&mut self, sample: &str, reason: &str) {
+        self.limiter.malformed(sample, reason);
+    }
+
+    /// Applies a chunk of complete lines (each ending in `\n`, the last one may lack it).
+    pub fn apply_chunk(&mut self, chunk: &[u8], out: &mut Vec<Update>) -> ChunkStats {
+        let mut st = ChunkStats::default();
+        for raw in chunk.split(|b| *b == b'\n') {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if raw.is_empty() {
+                continue;
+            }
+            st.lines += 1;
+            match std::str::from_utf8(raw) {
+                Ok(line) => {
+                    if !self.apply_line(line, out) {
+                        st.malformed += 1;
+                    }
+                }
+                Err(e) => {
+                    st.malformed += 1;
+                    let sample = String::from_utf8_lossy(raw);
+                    self.reject(
+                        &sample,
+                        &format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+                    );
+                }
+            }
+        }
+        st
+    }
+}

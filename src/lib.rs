@@ -1,0 +1,13 @@
+//! drbd-reactor for Kubernetes: reacts to DRBD state changes read from `drbdsetup events2`.
+//!
+//! Data path: [`drbd`] (events2 parsing, state model) → [`engine`] (apply, diff, fan-out, reload) →
+//! [`plugins`] → effectors ([`http`], process execution, systemd).
+
+pub mod agent;
+pub mod drbd;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod plugins;
+pub mod policy;
+pub mod source;

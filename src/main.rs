@@ -1,0 +1,136 @@
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use drbd_reactor::agent::{self, AgentOptions};
+use drbd_reactor::http::ListenAddr;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The host's drbdsetup, run in the host's mount namespace (its binary, libraries and /etc/drbd.conf),
+/// network namespace (DRBD's generic-netlink family exists only in the initial network namespace) and
+/// UTS namespace (the host's node name, which drbdadm matches against `on <host>` sections). PID 1 is
+/// the host's init because the pod runs with hostPID.
+const DEFAULT_DRBDSETUP: &str = "nsenter --target 1 --mount --uts --net -- drbdsetup";
+
+#[derive(Parser)]
+#[command(
+    name = "drbd-reactor",
+    version,
+    about = "Reacts to DRBD state changes: metrics, scripts, HA promotion"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(AgentArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Run from ReactorPolicy YAML files in this directory (re-read every second and on SIGHUP).
+    #[arg(long, env = "POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// Command line of drbdsetup (split like a shell splits words, never run through a shell);
+    /// drbdsetup's arguments are appended.
+    #[arg(long, env = "DRBDSETUP", default_value = DEFAULT_DRBDSETUP)]
+    drbdsetup: String,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's labels for policy nodeSelectors in file mode, as `key=value,key=value`.
+    #[arg(long, env = "NODE_LABELS", default_value = "")]
+    node_labels: String,
+    /// Seconds between statistics refreshes (`n` written to `events2 --poll`).
+    #[arg(long, env = "STATISTICS_INTERVAL", default_value_t = 60)]
+    statistics_interval: u64,
+    /// HTTP listen address: `:PORT` for all addresses (IPv6, falling back to IPv4), or `IP:PORT`.
+    #[arg(long, env = "LISTEN", default_value = ":9942")]
+    listen: String,
+    /// Log format on stderr.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).init(),
+    }
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for kv in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("node label '{kv}' is not key=value"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+async fn agent_main(a: AgentArgs) -> Result<()> {
+    let Some(policy_dir) = a.policy_dir else {
+        bail!(
+            "Kubernetes mode is not available in this version: run `drbd-reactor agent --policy-dir DIR` \
+             with ReactorPolicy YAML files in DIR (see examples/)"
+        );
+    };
+    if !policy_dir.is_dir() {
+        bail!("--policy-dir {}: not a directory", policy_dir.display());
+    }
+    let drbdsetup = shlex::split(&a.drbdsetup).context("--drbdsetup: unbalanced quotes")?;
+    if drbdsetup.is_empty() {
+        bail!("--drbdsetup is empty");
+    }
+    if a.statistics_interval == 0 {
+        bail!("--statistics-interval must be at least 1 second");
+    }
+    let listen: ListenAddr = a.listen.parse()?;
+    let opts = AgentOptions {
+        policy_dir,
+        drbdsetup,
+        node_name: a.node_name.unwrap_or_else(hostname),
+        node_labels: parse_labels(&a.node_labels)?,
+        statistics_interval: Duration::from_secs(a.statistics_interval),
+        listen,
+        policy_poll: Duration::from_secs(1),
+    };
+    tracing::info!(node = %opts.node_name, drbdsetup = ?opts.drbdsetup, policy_dir = %opts.policy_dir.display(), "starting drbd-reactor agent");
+    agent::run(opts).await?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(a) => {
+            init_logging(a.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(agent_main(a))
+        }
+    }
+}
