@@ -10,4 +10,5 @@ pub mod http;
 pub mod metrics;
 pub mod plugins;
 pub mod policy;
+pub mod sim;
 pub mod source;
