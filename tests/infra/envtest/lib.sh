@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck source-path=SCRIPTDIR
 # Common settings for tools.sh / update-modules.sh. Source it; do not execute.
 # Everything is logged to stderr; stdout is reserved for the scripts' one result line.
 

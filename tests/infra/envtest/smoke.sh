@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # End-to-end smoke test of the envtest scripts: build/cached tools, start a control plane,
 # exercise kubectl, a CEL-validated CRD, ServiceAccount tokens + RBAC and helm, then stop.
 # Last line of output: "N passed, N failed". Exit status 0 only if nothing failed.
 set -uo pipefail
 SELF_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
 source "${SELF_DIR}/versions.env"
 
 PASSED=0

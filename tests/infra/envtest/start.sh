@@ -169,7 +169,8 @@ for attempt in 1 2 3; do
         log "etcd port race, retrying with other ports"
         continue
     fi
-    die "etcd did not become healthy (rc=${rc})"
+    (( rc == 2 )) && die "etcd exited before becoming healthy (see etcd.log above)"
+    die "etcd not healthy within ${TIMEOUT}s"
 done
 
 # ---- kube-apiserver -----------------------------------------------------------------------------
@@ -213,7 +214,7 @@ for attempt in 1 2 3; do
     start_apiserver
     log "kube-apiserver pid ${API_PID} on ${APISERVER_URL}"
     remaining=$(( TIMEOUT - (SECONDS - start) ))
-    (( remaining < 5 )) && remaining=5
+    (( remaining < 1 )) && remaining=1
     rc=0
     wait_until "$remaining" "$API_PID" kube-apiserver api_ready || rc=$?
     (( rc == 0 )) && break
@@ -226,7 +227,8 @@ for attempt in 1 2 3; do
         curl -sS --max-time 5 --cacert "${CERTS}/ca.crt" -H "Authorization: Bearer ${ADMIN_TOKEN}" \
             "${APISERVER_URL}/readyz?verbose" >&2 || true
     fi
-    die "kube-apiserver not ready within ${TIMEOUT}s (rc=${rc})"
+    (( rc == 2 )) && die "kube-apiserver exited before becoming ready (see kube-apiserver.log above)"
+    die "kube-apiserver not ready within ${TIMEOUT}s"
 done
 log "kube-apiserver ready after $(( SECONDS - start ))s"
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Build (once) and cache kube-apiserver, etcd, kubectl and helm from Go modules.
 #
 #   tests/infra/envtest/tools.sh            -> prints the bin dir on stdout (nothing else)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Regenerate the committed wrapper modules (modules/k8s, modules/helm) from versions.env.
 # Only needed when K8S_VERSION / HELM_VERSION change; tools.sh never runs this.
 #
