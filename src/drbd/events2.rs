@@ -161,7 +161,9 @@ pub struct DeviceFields<'a> {
 #[serde(rename_all = "kebab-case")]
 pub struct ConnectionFields<'a> {
     pub name: &'a str,
-    pub peer_node_id: u32,
+    /// Absent in DRBD 9.0 output from before peer node ids were printed (2017); `conn-name` identifies
+    /// the peer then.
+    pub peer_node_id: Option<u32>,
     pub conn_name: Option<&'a str>,
     pub connection: Option<ConnState>,
     pub role: Option<Role>,
@@ -199,7 +201,7 @@ pub struct SyncFields {
 #[serde(rename_all = "kebab-case")]
 pub struct PeerDeviceFields<'a> {
     pub name: &'a str,
-    pub peer_node_id: u32,
+    pub peer_node_id: Option<u32>,
     pub conn_name: Option<&'a str>,
     pub volume: u32,
     pub replication: Option<ReplState>,
@@ -220,7 +222,7 @@ pub struct PeerDeviceFields<'a> {
 #[serde(rename_all = "kebab-case")]
 pub struct PathFields<'a> {
     pub name: &'a str,
-    pub peer_node_id: u32,
+    pub peer_node_id: Option<u32>,
     pub conn_name: Option<&'a str>,
     pub local: &'a str,
     pub peer: &'a str,
@@ -396,6 +398,14 @@ fn pairs<'a>(
     })
 }
 
+/// A peer is identified by `peer-node-id`, or by `conn-name` in old output without node ids.
+fn peer_identity(id: Option<u32>, conn_name: Option<&str>) -> Result<(), ParseError> {
+    if id.is_none() && conn_name.is_none() {
+        return err("missing identity field 'peer-node-id'");
+    }
+    Ok(())
+}
+
 fn required<T>(v: Option<T>, key: &str) -> Result<T, ParseError> {
     v.ok_or_else(|| ParseError {
         reason: format!("missing identity field '{key}'"),
@@ -481,7 +491,8 @@ fn parse_connection<'a>(
         }
     }
     f.name = required(name, "name")?;
-    f.peer_node_id = required(peer, "peer-node-id")?;
+    f.peer_node_id = peer;
+    peer_identity(f.peer_node_id, f.conn_name)?;
     Ok(f)
 }
 
@@ -532,7 +543,8 @@ fn parse_peer_device<'a>(
         }
     }
     f.name = required(name, "name")?;
-    f.peer_node_id = required(peer, "peer-node-id")?;
+    f.peer_node_id = peer;
+    peer_identity(f.peer_node_id, f.conn_name)?;
     f.volume = required(volume, "volume")?;
     Ok(f)
 }
@@ -556,7 +568,8 @@ fn parse_path<'a>(
         }
     }
     f.name = required(name, "name")?;
-    f.peer_node_id = required(peer_id, "peer-node-id")?;
+    f.peer_node_id = peer_id;
+    peer_identity(f.peer_node_id, f.conn_name)?;
     f.local = required(local, "local")?;
     f.peer = required(peer, "peer")?;
     Ok(f)
@@ -676,7 +689,7 @@ impl fmt::Display for Event<'_> {
             }
             Object::Connection(c) => {
                 o.kv("name", c.name)?;
-                o.kv("peer-node-id", c.peer_node_id)?;
+                o.opt("peer-node-id", c.peer_node_id)?;
                 o.opt("conn-name", c.conn_name)?;
                 o.opt("connection", c.connection.as_ref())?;
                 o.opt("role", c.role.as_ref())?;
@@ -686,7 +699,7 @@ impl fmt::Display for Event<'_> {
             }
             Object::PeerDevice(p) => {
                 o.kv("name", p.name)?;
-                o.kv("peer-node-id", p.peer_node_id)?;
+                o.opt("peer-node-id", p.peer_node_id)?;
                 o.opt("conn-name", p.conn_name)?;
                 o.kv("volume", p.volume)?;
                 o.opt("replication", p.replication.as_ref())?;
@@ -724,7 +737,7 @@ impl fmt::Display for Event<'_> {
             }
             Object::Path(p) => {
                 o.kv("name", p.name)?;
-                o.kv("peer-node-id", p.peer_node_id)?;
+                o.opt("peer-node-id", p.peer_node_id)?;
                 o.opt("conn-name", p.conn_name)?;
                 o.kv("local", p.local)?;
                 o.kv("peer", p.peer)?;

@@ -6,6 +6,9 @@ use crate::drbd::state::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+/// Ids given to peers of old output that prints no `peer-node-id`.
+pub const LEGACY_PEER_ID_BASE: u32 = 1 << 16;
+
 /// Identity of one object, used to find what vanished while drbdsetup was away.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ObjKey {
@@ -337,15 +340,16 @@ impl State {
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
+        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
         if verb == Verb::Destroy {
-            return self.destroy_connection(&name, f.peer_node_id, out);
+            return self.destroy_connection(&name, peer, out);
         }
-        self.seen(|| ObjKey::Connection(name.clone(), f.peer_node_id));
+        self.seen(|| ObjKey::Connection(name.clone(), peer));
         let (r, _) = self.res_mut(&name);
         let mut created = false;
-        let c = r.connections.entry(f.peer_node_id).or_insert_with(|| {
+        let c = r.connections.entry(peer).or_insert_with(|| {
             created = true;
-            Connection::new(f.peer_node_id)
+            Connection::new(peer)
         });
         let old = if created {
             ConnectionState::default()
@@ -360,12 +364,26 @@ impl State {
                 verb,
                 &name,
                 Change::Connection {
-                    peer_node_id: f.peer_node_id,
+                    peer_node_id: peer,
                     old,
                     new,
                 },
             );
         }
+    }
+
+    /// The peer node id of a line; old output without ids names the peer by `conn-name` only, and such a
+    /// peer gets a stable local id above any real DRBD node id (0..=31).
+    fn resolve_peer(&self, name: &str, id: Option<u32>, conn_name: Option<&str>) -> u32 {
+        if let Some(id) = id {
+            return id;
+        }
+        let conn_name = conn_name.unwrap_or_default();
+        let Some(r) = self.resources.get(name) else { return LEGACY_PEER_ID_BASE };
+        if let Some(c) = r.connections.values().find(|c| c.conn_name == conn_name) {
+            return c.peer_node_id;
+        }
+        r.connections.keys().copied().filter(|k| *k >= LEGACY_PEER_ID_BASE).max().map_or(LEGACY_PEER_ID_BASE, |m| m + 1)
     }
 
     fn conn_mut<'s>(r: &'s mut Resource, peer: u32, conn_name: Option<&str>) -> &'s mut Connection {
@@ -386,12 +404,13 @@ impl State {
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
+        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
         if verb == Verb::Destroy {
-            return self.destroy_peer_device(&name, f.peer_node_id, f.volume, out);
+            return self.destroy_peer_device(&name, peer, f.volume, out);
         }
-        self.seen(|| ObjKey::PeerDevice(name.clone(), f.peer_node_id, f.volume));
+        self.seen(|| ObjKey::PeerDevice(name.clone(), peer, f.volume));
         let (r, _) = self.res_mut(&name);
-        let c = Self::conn_mut(r, f.peer_node_id, f.conn_name);
+        let c = Self::conn_mut(r, peer, f.conn_name);
         let mut created = false;
         let p = c.peer_devices.entry(f.volume).or_insert_with(|| {
             created = true;
@@ -410,7 +429,7 @@ impl State {
                 verb,
                 &name,
                 Change::PeerDevice {
-                    peer_node_id: f.peer_node_id,
+                    peer_node_id: peer,
                     volume: f.volume,
                     old,
                     new,
@@ -420,9 +439,10 @@ impl State {
     }
 
     fn apply_path(&mut self, verb: Verb, name: Arc<str>, f: &PathFields) {
+        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
         if verb == Verb::Destroy {
             if let Some(arc) = self.resources.get_mut(&name) {
-                if let Some(c) = Arc::make_mut(arc).connections.get_mut(&f.peer_node_id) {
+                if let Some(c) = Arc::make_mut(arc).connections.get_mut(&peer) {
                     c.paths
                         .retain(|p| !(p.local == f.local && p.peer == f.peer));
                 }
@@ -432,13 +452,13 @@ impl State {
         self.seen(|| {
             ObjKey::Path(
                 name.clone(),
-                f.peer_node_id,
+                peer,
                 f.local.to_string(),
                 f.peer.to_string(),
             )
         });
         let (r, _) = self.res_mut(&name);
-        let c = Self::conn_mut(r, f.peer_node_id, f.conn_name);
+        let c = Self::conn_mut(r, peer, f.conn_name);
         // The kernel may not send `exists` for paths: a `change path` for an unknown path creates it.
         let p = match c
             .paths
@@ -518,7 +538,7 @@ impl State {
                         self.mark(&name);
                         let f = PathFields {
                             name: &name,
-                            peer_node_id: peer,
+                            peer_node_id: Some(peer),
                             local: &p.local,
                             peer: &p.peer,
                             ..Default::default()

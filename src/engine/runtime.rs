@@ -299,6 +299,7 @@ impl Runtime {
             }
             SourceMsg::Stopped { reason } => {
                 tracing::warn!(%reason, "drbdsetup events2 stopped");
+                self.metrics.source_restarts.inc();
                 self.health.source_up.store(false, Ordering::Relaxed);
                 self.metrics.source_up.set(0);
             }
