@@ -604,6 +604,11 @@ impl Runtime {
             .with_label_values(&[&id.kind])
             .inc();
         inst.outbox.close();
+        inst.outbox = channel(Subscription {
+            changes: false,
+            events: false,
+        })
+        .0;
         let delay = backoff(inst.restarts, base, max);
         inst.state = InstanceState::Failed;
         inst.last_error = Some(msg);
