@@ -3,6 +3,7 @@
 use crate::engine::runtime::{self, EngineHandle, Health, RuntimeConfig, SourceMsg};
 use crate::http::{self, HttpState, ListenAddr, PolicyStatus};
 use crate::metrics::AgentMetrics;
+use crate::plugins::prometheus::ExporterHub;
 use crate::plugins::{Builtin, InstanceSpec, PluginFactory};
 use crate::policy::files::{read_dir, PolicyDir};
 use crate::policy::{desired_instances, policy_name};
@@ -24,6 +25,10 @@ pub struct AgentOptions {
     pub statistics_interval: Duration,
     pub listen: ListenAddr,
     pub policy_poll: Duration,
+    /// Command line of the host's drbdadm (for `drbd_version`); empty = not queried.
+    pub drbdadm: Vec<String>,
+    /// UMH scripts' private directory and the `--host-exec` prefix for `where: host`.
+    pub umh: crate::plugins::umh::UmhOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,18 +41,40 @@ pub enum AgentError {
 
 /// Runs the agent in file mode until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
-    run_with(opts, Arc::new(Builtin)).await
+    let exporter = Arc::new(ExporterHub::new(opts.drbdadm.clone()));
+    let factory = Builtin::new(exporter.clone()).with_umh(opts.umh.clone());
+    run_with_exporter(opts, Arc::new(factory), exporter).await
 }
 
+/// Runs the agent with another plugin factory; `/metrics` then has no DRBD families.
 pub async fn run_with(
     opts: AgentOptions,
     factory: Arc<dyn PluginFactory>,
+) -> Result<(), AgentError> {
+    let exporter = Arc::new(ExporterHub::new(opts.drbdadm.clone()));
+    run_with_exporter(opts, factory, exporter).await
+}
+
+/// Runs the agent; `/metrics` renders the DRBD families from `exporter`, the hub the factory's exporter
+/// instances publish to.
+pub async fn run_with_exporter(
+    opts: AgentOptions,
+    factory: Arc<dyn PluginFactory>,
+    exporter: Arc<ExporterHub>,
 ) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
 
     let metrics = AgentMetrics::new();
+    // Series that exist from the start, so that rate() and absent() work before the first event.
+    for result in ["ok", "error"] {
+        metrics.reloads.with_label_values(&[result]);
+    }
+    for kind in ["debugger", "prometheus", "umh"] {
+        metrics.plugin_errors.with_label_values(&[kind]);
+        metrics.plugin_restarts.with_label_values(&[kind]);
+    }
     let health = Arc::new(Health::default());
     let (src_tx, src_rx) = mpsc::channel::<SourceMsg>(64);
     let cfg = RuntimeConfig {
@@ -59,24 +86,7 @@ pub async fn run_with(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let src_cfg = SourceConfig::new(opts.drbdsetup.clone(), opts.statistics_interval);
-    let restarts = metrics.source_restarts.clone();
-    let (counting_tx, mut counting_rx) = mpsc::channel::<SourceMsg>(64);
-    // Count (re)starts on the way to the engine.
-    let fwd = tokio::spawn(async move {
-        let mut first = true;
-        while let Some(m) = counting_rx.recv().await {
-            if matches!(m, SourceMsg::Started) {
-                if !first {
-                    restarts.inc();
-                }
-                first = false;
-            }
-            if src_tx.send(m).await.is_err() {
-                return;
-            }
-        }
-    });
-    let source_task = tokio::spawn(source::run(src_cfg, counting_tx, stop_rx.clone()));
+    let source_task = tokio::spawn(source::run(src_cfg, src_tx, stop_rx.clone()));
 
     let policies = Arc::new(Mutex::new(PolicyStatus {
         source: opts.policy_dir.display().to_string(),
@@ -88,6 +98,7 @@ pub async fn run_with(
         engine: engine.clone(),
         metrics: metrics.clone(),
         policies: policies.clone(),
+        exporter,
     };
     let http_task = tokio::spawn(serve_http(
         opts.listen.clone(),
@@ -126,7 +137,6 @@ pub async fn run_with(
     let _ = stop_tx.send(true);
     let _ = engine_task.await;
     let _ = source_task.await;
-    fwd.abort();
     let _ = http_task.await;
     tracing::info!("stopped");
     r.map_err(|_| AgentError::EngineGone)
@@ -153,7 +163,9 @@ async fn sync_policies(
         tracing::error!(file = %p.file, error = %p.error, "rejected policy file; the policies in force stay");
     }
     let (policies, problems) = dir.policies();
-    let desired = desired_instances(&policies, &opts.node_labels);
+    let mut desired = desired_instances(&policies, &opts.node_labels);
+    // Scripts are read on every scan: an edited script reloads its UMH instance only.
+    crate::plugins::umh::resolve_scripts(&mut desired, &opts.policy_dir);
     let matching = desired
         .iter()
         .map(|s| s.id.policy.clone())

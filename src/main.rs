@@ -12,6 +12,9 @@ use std::time::Duration;
 /// the host's init because the pod runs with hostPID.
 const DEFAULT_DRBDSETUP: &str = "nsenter --target 1 --mount --uts --net -- drbdsetup";
 
+/// The host's drbdadm, run like drbdsetup (only `drbdadm --version`, for the `drbd_version` metric).
+const DEFAULT_DRBDADM: &str = "nsenter --target 1 --mount --uts --net -- drbdadm";
+
 #[derive(Parser)]
 #[command(
     name = "drbd-reactor",
@@ -44,6 +47,18 @@ struct AgentArgs {
     /// drbdsetup's arguments are appended.
     #[arg(long, env = "DRBDSETUP", default_value = DEFAULT_DRBDSETUP)]
     drbdsetup: String,
+    /// Command line of drbdadm, run like --drbdsetup; used for `drbdadm --version` (the `drbd_version`
+    /// metric).
+    #[arg(long, env = "DRBDADM", default_value = DEFAULT_DRBDADM)]
+    drbdadm: String,
+    /// Command prefix that runs a program on the host, for UMH rules with `where: host` (split like
+    /// --drbdsetup; the program and its arguments are appended; empty = run directly). Default: the
+    /// host's mount, UTS and network namespaces through nsenter, like --drbdsetup.
+    #[arg(long, env = "HOST_EXEC", default_value = drbd_reactor::plugins::umh::DEFAULT_HOST_EXEC)]
+    host_exec: String,
+    /// Private directory (created with mode 0700) UMH scripts are written to and run from.
+    #[arg(long, env = "UMH_SCRIPT_DIR", default_value = drbd_reactor::plugins::umh::DEFAULT_SCRIPT_DIR)]
+    umh_script_dir: PathBuf,
     /// This node's name (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -56,6 +71,9 @@ struct AgentArgs {
     /// HTTP listen address: `:PORT` for all addresses (IPv6, falling back to IPv4), or `IP:PORT`.
     #[arg(long, env = "LISTEN", default_value = ":9942")]
     listen: String,
+    /// Seconds between scans of the policy directory (SIGHUP scans at once).
+    #[arg(long, env = "POLICY_POLL_INTERVAL", default_value_t = 1)]
+    policy_poll_interval: u64,
     /// Log format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -104,6 +122,8 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
     if drbdsetup.is_empty() {
         bail!("--drbdsetup is empty");
     }
+    let drbdadm = shlex::split(&a.drbdadm).context("--drbdadm: unbalanced quotes")?;
+    let host_exec = shlex::split(&a.host_exec).context("--host-exec: unbalanced quotes")?;
     if a.statistics_interval == 0 {
         bail!("--statistics-interval must be at least 1 second");
     }
@@ -115,7 +135,12 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         node_labels: parse_labels(&a.node_labels)?,
         statistics_interval: Duration::from_secs(a.statistics_interval),
         listen,
-        policy_poll: Duration::from_secs(1),
+        policy_poll: Duration::from_secs(a.policy_poll_interval.max(1)),
+        drbdadm,
+        umh: drbd_reactor::plugins::umh::UmhOptions {
+            script_dir: a.umh_script_dir,
+            host_exec,
+        },
     };
     tracing::info!(node = %opts.node_name, drbdsetup = ?opts.drbdsetup, policy_dir = %opts.policy_dir.display(), "starting drbd-reactor agent");
     agent::run(opts).await?;

@@ -101,7 +101,7 @@ impl AgentMetrics {
             ),
             umh_runs: counter_vec(
                 "drbdreactor_umh_runs_total",
-                "UMH script runs by policy, rule and result (exit code, 'timeout' or 'spawn-error')",
+                "UMH script runs by policy, rule and result (exit code, 'signal-N', 'timeout', 'spawn-error', or 'dropped' when the run queue was full or the instance stopped)",
                 &["policy", "rule", "result"],
             ),
             umh_duration: reg(

@@ -9,8 +9,16 @@ use drbd_reactor::engine::Engine;
 use std::collections::BTreeMap;
 
 fn sample(name: &str) -> String {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/events2").join(format!("{name}.txt"));
-    std::fs::read_to_string(p).unwrap().lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n") + "\n"
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/events2")
+        .join(format!("{name}.txt"));
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
 
 fn feed(e: &mut Engine, text: &str) -> Vec<Update> {
@@ -26,20 +34,40 @@ fn describe(u: &Update) -> String {
     match &u.change {
         Change::Resource { old, new } => format!(
             "{ev} resource {} {}/{}/{} -> {}/{}/{}",
-            u.resource, old.role, old.may_promote, old.promotion_score, new.role, new.may_promote, new.promotion_score
+            u.resource,
+            old.role,
+            old.may_promote,
+            old.promotion_score,
+            new.role,
+            new.may_promote,
+            new.promotion_score
         ),
         Change::Device { volume, old, new } => {
-            format!("{ev} device {}/{volume} {}/q:{} -> {}/q:{}", u.resource, old.disk, old.quorum, new.disk, new.quorum)
+            format!(
+                "{ev} device {}/{volume} {}/q:{} -> {}/q:{}",
+                u.resource, old.disk, old.quorum, new.disk, new.quorum
+            )
         }
-        Change::Connection { peer_node_id, old, new } => format!(
+        Change::Connection {
+            peer_node_id,
+            old,
+            new,
+        } => format!(
             "{ev} connection {}/{peer_node_id} {}/{} -> {}/{}",
             u.resource, old.connection, old.peer_role, new.connection, new.peer_role
         ),
-        Change::PeerDevice { peer_node_id, volume, old, new } => format!(
+        Change::PeerDevice {
+            peer_node_id,
+            volume,
+            old,
+            new,
+        } => format!(
             "{ev} peer-device {}/{peer_node_id}/{volume} {}/{} -> {}/{}",
             u.resource, old.replication, old.peer_disk, new.replication, new.peer_disk
         ),
-        Change::Helper { helper, status, .. } => format!("{ev} helper {} {helper} {status:?}", u.resource),
+        Change::Helper { helper, status, .. } => {
+            format!("{ev} helper {} {helper} {status:?}", u.resource)
+        }
         Change::Rename { new_name } => format!("{ev} resource {} -> {new_name}", u.resource),
     }
 }
@@ -47,7 +75,13 @@ fn describe(u: &Update) -> String {
 #[test]
 fn all_create_change_yields_the_expected_updates() {
     let mut e = Engine::new();
-    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-all-create-change__full")).iter().map(describe).collect();
+    let got: Vec<String> = feed(
+        &mut e,
+        &sample("drbd-utils_events2-all-create-change__full"),
+    )
+    .iter()
+    .map(describe)
+    .collect();
     let want = [
         "create resource some-resource Unknown/unknown/0 -> Secondary/no/0",
         "create device some-resource/0 DUnknown/q:unknown -> Diskless/q:yes",
@@ -65,7 +99,10 @@ fn all_create_change_yields_the_expected_updates() {
     // paths produce no update but are kept
     let r = e.state.get("some-resource").unwrap();
     let path = &r.connections[&1].paths[0];
-    assert_eq!((path.local.as_str(), path.established), ("ipv4:1.2.3.4:7789", Tri::Yes));
+    assert_eq!(
+        (path.local.as_str(), path.established),
+        ("ipv4:1.2.3.4:7789", Tri::Yes)
+    );
     assert_eq!(r.devices[&0].backing_dev.as_deref(), Some("/dev/sda"));
 }
 
@@ -74,19 +111,34 @@ fn partial_change_lines_merge_into_the_state() {
     // Without --full only changed field groups are printed; the state must still be complete.
     let mut full = Engine::new();
     let mut partial = Engine::new();
-    feed(&mut full, &sample("drbd-utils_events2-all-create-change__full"));
-    feed(&mut partial, &sample("drbd-utils_events2-all-create-change__statistics"));
-    let (a, b) = (full.state.get("some-resource").unwrap(), partial.state.get("some-resource").unwrap());
+    feed(
+        &mut full,
+        &sample("drbd-utils_events2-all-create-change__full"),
+    );
+    feed(
+        &mut partial,
+        &sample("drbd-utils_events2-all-create-change__statistics"),
+    );
+    let (a, b) = (
+        full.state.get("some-resource").unwrap(),
+        partial.state.get("some-resource").unwrap(),
+    );
     assert_eq!(a.role, b.role);
     assert_eq!(a.devices[&0].disk, b.devices[&0].disk);
-    assert_eq!(a.connections[&1].peer_devices[&0].peer_disk, b.connections[&1].peer_devices[&0].peer_disk);
+    assert_eq!(
+        a.connections[&1].peer_devices[&0].peer_disk,
+        b.connections[&1].peer_devices[&0].peer_disk
+    );
     assert_eq!(a.connections[&1].connection, b.connections[&1].connection);
 }
 
 #[test]
 fn destroy_removes_objects_in_order() {
     let mut e = Engine::new();
-    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-all-create-destroy")).iter().map(describe).collect();
+    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-all-create-destroy"))
+        .iter()
+        .map(describe)
+        .collect();
     let destroys: Vec<&String> = got.iter().filter(|l| l.starts_with("destroy")).collect();
     assert_eq!(destroys.len(), 4, "{got:#?}");
     assert!(destroys[0].starts_with("destroy peer-device"));
@@ -99,9 +151,20 @@ fn destroy_removes_objects_in_order() {
 #[test]
 fn quorum_loss_is_a_device_and_resource_change() {
     let mut e = Engine::new();
-    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-may-promote-quorum")).iter().map(describe).collect();
-    assert!(got.iter().any(|l| l.starts_with("change device") && l.ends_with("q:yes -> UpToDate/q:no")), "{got:#?}");
-    assert!(got.iter().any(|l| l.contains("/yes/") && l.ends_with("/no/0")), "{got:#?}");
+    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-may-promote-quorum"))
+        .iter()
+        .map(describe)
+        .collect();
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("change device") && l.ends_with("q:yes -> UpToDate/q:no")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|l| l.contains("/yes/") && l.ends_with("/no/0")),
+        "{got:#?}"
+    );
 }
 
 #[test]
@@ -115,7 +178,10 @@ fn force_io_failures_and_unknown_booleans_are_kept() {
     let r = e.state.get("r").unwrap();
     assert_eq!(r.force_io_failures, Tri::Yes);
     assert!(r.suspended.has("quorum"));
-    assert_eq!((r.devices[&0].client, r.devices[&0].open), (Tri::Unknown, Tri::Unknown));
+    assert_eq!(
+        (r.devices[&0].client, r.devices[&0].open),
+        (Tri::Unknown, Tri::Unknown)
+    );
     assert!(!r.devices[&0].unintentional_diskless());
 }
 
@@ -133,7 +199,11 @@ fn statistics_only_changes_make_no_update_but_are_stored() {
     assert_eq!((pd.sent, pd.out_of_sync), (99, 1200));
     let sync = pd.sync.as_ref().unwrap();
     assert_eq!((sync.done, sync.eta), (61.0, Some(4.0)));
-    assert_eq!(e.state.take_dirty().len(), 1, "every-event subscribers hear of it");
+    assert_eq!(
+        e.state.take_dirty().len(),
+        1,
+        "every-event subscribers hear of it"
+    );
     // the resync ends: a line with the replication state and no `done`
     let out = feed(
         &mut e,
@@ -150,15 +220,27 @@ fn blocked_survives_full_change_lines_without_it() {
     let mut e = Engine::new();
     feed(&mut e, "exists device name:r volume:0 minor:1 disk:UpToDate client:no open:no quorum:yes blocked:upper\n");
     feed(&mut e, "change device name:r volume:0 minor:1 disk:UpToDate client:no open:yes quorum:yes size:1\n");
-    assert_eq!(e.state.get("r").unwrap().devices[&0].blocked.as_str(), "upper");
+    assert_eq!(
+        e.state.get("r").unwrap().devices[&0].blocked.as_str(),
+        "upper"
+    );
 }
 
 #[test]
 fn rename_moves_the_resource() {
     let mut e = Engine::new();
-    feed(&mut e, &sample("drbd-utils_events2-all-create-change__full"));
-    let out = feed(&mut e, "rename resource name:some-resource new_name:other\n");
-    assert_eq!(out.iter().map(describe).collect::<Vec<_>>(), ["rename resource some-resource -> other"]);
+    feed(
+        &mut e,
+        &sample("drbd-utils_events2-all-create-change__full"),
+    );
+    let out = feed(
+        &mut e,
+        "rename resource name:some-resource new_name:other\n",
+    );
+    assert_eq!(
+        out.iter().map(describe).collect::<Vec<_>>(),
+        ["rename resource some-resource -> other"]
+    );
     assert!(e.state.get("some-resource").is_none());
     let r = e.state.get("other").unwrap();
     assert_eq!((r.name.as_str(), r.role.clone()), ("other", Role::Primary));
@@ -168,15 +250,27 @@ fn rename_moves_the_resource() {
 #[test]
 fn helpers_reach_plugins() {
     let mut e = Engine::new();
-    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-all-create-helper")).iter().map(describe).collect();
-    assert!(got.contains(&"call helper some-resource before-resync-target None".to_string()), "{got:#?}");
-    assert!(got.contains(&"response helper some-resource before-resync-target Some(1)".to_string()), "{got:#?}");
+    let got: Vec<String> = feed(&mut e, &sample("drbd-utils_events2-all-create-helper"))
+        .iter()
+        .map(describe)
+        .collect();
+    assert!(
+        got.contains(&"call helper some-resource before-resync-target None".to_string()),
+        "{got:#?}"
+    );
+    assert!(
+        got.contains(&"response helper some-resource before-resync-target Some(1)".to_string()),
+        "{got:#?}"
+    );
 }
 
 #[test]
 fn malformed_lines_are_counted_and_change_nothing() {
     let mut e = Engine::new();
-    feed(&mut e, &sample("drbd-utils_events2-all-create-change__full"));
+    feed(
+        &mut e,
+        &sample("drbd-utils_events2-all-create-change__full"),
+    );
     let before = e.state.snapshot();
     let mut out = Vec::new();
     let bad = b"garbage\nchange device name:some-resource volume:x disk:Failed\n\xff\xfe\nchange resource name:some-resource role:Secondary extra\n";
@@ -189,7 +283,10 @@ fn malformed_lines_are_counted_and_change_nothing() {
 #[test]
 fn restart_dump_replaces_state_and_destroys_what_vanished() {
     let mut e = Engine::new();
-    feed(&mut e, &sample("drbd-utils_events2-all-create-change__full"));
+    feed(
+        &mut e,
+        &sample("drbd-utils_events2-all-create-change__full"),
+    );
     feed(&mut e, "create resource name:gone role:Secondary suspended:no force-io-failures:no may_promote:no promotion_score:0\ncreate device name:gone volume:0 minor:7 disk:UpToDate client:no open:no quorum:yes\n");
     e.state.begin_resync();
     assert!(!e.state.initial_dump_complete());
@@ -219,7 +316,10 @@ fn restart_dump_replaces_state_and_destroys_what_vanished() {
 #[test]
 fn old_output_without_peer_node_ids_keys_peers_by_name() {
     let mut e = Engine::new();
-    feed(&mut e, &sample("drbdtop_events2-timestamps-statistics-2017"));
+    feed(
+        &mut e,
+        &sample("drbdtop_events2-timestamps-statistics-2017"),
+    );
     let r = e.state.get("test0").unwrap();
     assert_eq!(r.connections.len(), 1);
     let c = r.connections.values().next().unwrap();
@@ -232,10 +332,14 @@ fn mirror(updates: &[Update]) -> BTreeMap<String, String> {
     let mut m: BTreeMap<String, String> = BTreeMap::new();
     for u in updates {
         let key = match &u.change {
-            Change::Resource { .. } => format!("{}", u.resource),
+            Change::Resource { .. } => u.resource.clone(),
             Change::Device { volume, .. } => format!("{}/d{volume}", u.resource),
             Change::Connection { peer_node_id, .. } => format!("{}/c{peer_node_id}", u.resource),
-            Change::PeerDevice { peer_node_id, volume, .. } => format!("{}/p{peer_node_id}/{volume}", u.resource),
+            Change::PeerDevice {
+                peer_node_id,
+                volume,
+                ..
+            } => format!("{}/p{peer_node_id}/{volume}", u.resource),
             Change::Helper { .. } | Change::Rename { .. } => continue,
         };
         if u.event == Verb::Destroy {
@@ -264,11 +368,24 @@ fn replay_is_the_complete_state_without_spurious_changes() {
             all.extend(feed(&mut e, &(g.step().join("\n") + "\n")));
         }
         let replay = e.state.replay();
-        assert!(replay.iter().all(|u| u.event == Verb::Exists), "replay is all `exists`");
+        assert!(
+            replay.iter().all(|u| u.event == Verb::Exists),
+            "replay is all `exists`"
+        );
         // peer devices are included, unlike upstream
         let resources: Vec<std::sync::Arc<Resource>> = e.state.snapshot();
-        let pds: usize = resources.iter().flat_map(|r| r.connections.values()).map(|c| c.peer_devices.len()).sum();
-        assert_eq!(replay.iter().filter(|u| matches!(u.change, Change::PeerDevice { .. })).count(), pds);
+        let pds: usize = resources
+            .iter()
+            .flat_map(|r| r.connections.values())
+            .map(|c| c.peer_devices.len())
+            .sum();
+        assert_eq!(
+            replay
+                .iter()
+                .filter(|u| matches!(u.change, Change::PeerDevice { .. }))
+                .count(),
+            pds
+        );
         // what a fresh plugin rebuilds from the replay equals what a plugin that saw everything holds
         assert_eq!(mirror(&replay), mirror(&all), "seed {seed}");
     }

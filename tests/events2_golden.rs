@@ -45,7 +45,12 @@ fn samples() -> Vec<(String, String)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), std::fs::read_to_string(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
         .collect();
     v.sort();
     assert!(v.len() >= 30, "samples missing: {}", v.len());
@@ -81,7 +86,9 @@ fn every_sample_parses_to_its_golden_objects() {
                     assert_eq!(e.reason, reason, "{name}: {line}");
                     parsed.push(serde_json::json!({ "rejected": e.reason }));
                 }
-                (Ok(_), Some(_)) => failures.push(format!("{name}: accepted an invalid line: {line}")),
+                (Ok(_), Some(_)) => {
+                    failures.push(format!("{name}: accepted an invalid line: {line}"))
+                }
                 (Err(e), None) => failures.push(format!("{name}: {e}: {line}")),
             }
         }
@@ -93,7 +100,10 @@ fn every_sample_parses_to_its_golden_objects() {
         }
         match std::fs::read_to_string(&path) {
             Ok(want) if want == got => {}
-            Ok(_) => failures.push(format!("{name}: differs from {} (UPDATE_GOLDEN=1 to regenerate)", path.display())),
+            Ok(_) => failures.push(format!(
+                "{name}: differs from {} (UPDATE_GOLDEN=1 to regenerate)",
+                path.display()
+            )),
             Err(e) => failures.push(format!("{name}: {}: {e}", path.display())),
         }
     }
@@ -135,10 +145,17 @@ fn diff_and_color_variants_parse_to_the_same_objects_as_plain() {
     // `--diff` shows old->new: the new values equal the plain output's values for each field printed.
     let diff = sample_lines(&read("drbd-utils_events2-all-create-change__diff"));
     assert_eq!(plain.len(), diff.len());
-    let role = |l: &str| l.split(' ').find(|t| t.starts_with("role:")).map(|t| t.rsplit("->").next().unwrap().to_string());
+    let role = |l: &str| {
+        l.split(' ')
+            .find(|t| t.starts_with("role:"))
+            .map(|t| t.rsplit("->").next().unwrap().to_string())
+    };
     for (p, d) in plain.iter().zip(&diff) {
         let (pl, dl) = (parse_line(p).unwrap(), parse_line(d).unwrap());
-        assert_eq!(format!("{:?}", pl.body).split(' ').next(), format!("{:?}", dl.body).split(' ').next());
+        assert_eq!(
+            format!("{:?}", pl.body).split(' ').next(),
+            format!("{:?}", dl.body).split(' ').next()
+        );
         if let (Some(a), Some(b)) = (role(p), role(d)) {
             assert_eq!(a.trim_start_matches("role:"), b.trim_start_matches("role:"));
         }

@@ -8,7 +8,8 @@ use drbd_reactor::engine::runtime::{self, Health, RuntimeConfig, SourceMsg};
 use drbd_reactor::engine::Engine;
 use drbd_reactor::metrics::AgentMetrics;
 use drbd_reactor::plugins::{
-    Delivery, Inbox, InstanceId, InstanceSpec, Plugin, PluginCtx, PluginError, PluginFactory, Subscription,
+    Delivery, Inbox, InstanceId, InstanceSpec, Plugin, PluginCtx, PluginError, PluginFactory,
+    Subscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -29,7 +30,11 @@ impl Plugin for Recorder {
     fn subscription(&self) -> Subscription {
         self.sub
     }
-    fn run(self: Box<Self>, mut inbox: Inbox, _ctx: PluginCtx) -> BoxFuture<'static, Result<(), PluginError>> {
+    fn run(
+        self: Box<Self>,
+        mut inbox: Inbox,
+        _ctx: PluginCtx,
+    ) -> BoxFuture<'static, Result<(), PluginError>> {
         async move {
             while let Some(d) = inbox.recv().await {
                 match d {
@@ -38,7 +43,9 @@ impl Plugin for Recorder {
                         let mut v = self.view.lock().unwrap();
                         for (name, r) in rs {
                             match r {
-                                Some(r) => v.insert(name.to_string(), serde_json::to_string(&*r).unwrap()),
+                                Some(r) => {
+                                    v.insert(name.to_string(), serde_json::to_string(&*r).unwrap())
+                                }
                                 None => v.remove(&*name),
                             };
                         }
@@ -64,14 +71,20 @@ impl PluginFactory for Factory {
             events: spec.config["events"].as_bool().unwrap_or(false),
         };
         let (log, view) = (Log::default(), View::default());
-        self.built.lock().unwrap().push((spec.clone(), log.clone(), view.clone()));
+        self.built
+            .lock()
+            .unwrap()
+            .push((spec.clone(), log.clone(), view.clone()));
         Ok(Box::new(Recorder { sub, log, view }))
     }
 }
 
 fn spec(policy: &str, version: u64, events: bool) -> InstanceSpec {
     InstanceSpec {
-        id: InstanceId { policy: policy.into(), kind: "recorder".into() },
+        id: InstanceId {
+            policy: policy.into(),
+            kind: "recorder".into(),
+        },
         config: serde_json::json!({ "version": version, "events": events }),
     }
 }
@@ -103,7 +116,12 @@ async fn run_seed(seed: u64) {
         let mut out = Vec::new();
         reference.apply_chunk(c.as_bytes(), &mut out);
         live.extend(out.iter().map(|u| u.to_json()));
-        let replay: Vec<String> = reference.state.replay().iter().map(|u| u.to_json()).collect();
+        let replay: Vec<String> = reference
+            .state
+            .replay()
+            .iter()
+            .map(|u| u.to_json())
+            .collect();
         boundaries.push((replay, live.len()));
     }
 
@@ -119,15 +137,25 @@ async fn run_seed(seed: u64) {
         rx,
     );
     // "steady" is never reloaded; "kept" is re-applied unchanged every time; the others come, go and change.
-    let mut versions: BTreeMap<&str, Option<u64>> =
-        [("steady", Some(0)), ("kept", Some(0)), ("a", None), ("b", None), ("c", Some(1))].into();
+    let mut versions: BTreeMap<&str, Option<u64>> = [
+        ("steady", Some(0)),
+        ("kept", Some(0)),
+        ("a", None),
+        ("b", None),
+        ("c", Some(1)),
+    ]
+    .into();
     let desired = |v: &BTreeMap<&str, Option<u64>>| -> Vec<InstanceSpec> {
-        v.iter().filter_map(|(p, ver)| ver.map(|ver| spec(p, ver, *p == "b" || *p == "steady"))).collect()
+        v.iter()
+            .filter_map(|(p, ver)| ver.map(|ver| spec(p, ver, *p == "b" || *p == "steady")))
+            .collect()
     };
     engine.apply(desired(&versions)).await.unwrap();
     let mut reloads = 0;
     for c in &chunks {
-        tx.send(SourceMsg::Chunk(c.clone().into_bytes())).await.unwrap();
+        tx.send(SourceMsg::Chunk(c.clone().into_bytes()))
+            .await
+            .unwrap();
         if rng.chance(20) {
             for p in ["a", "b", "c"] {
                 match rng.below(3) {
@@ -142,7 +170,10 @@ async fn run_seed(seed: u64) {
             }
             let report = engine.apply(desired(&versions)).await.unwrap();
             assert!(report.errors.is_empty());
-            assert!(report.kept.iter().any(|i| i.policy == "steady") && report.kept.iter().any(|i| i.policy == "kept"));
+            assert!(
+                report.kept.iter().any(|i| i.policy == "steady")
+                    && report.kept.iter().any(|i| i.policy == "kept")
+            );
             reloads += 1;
         }
     }
@@ -155,14 +186,20 @@ async fn run_seed(seed: u64) {
         if s.resources == want_final && metrics.lines.get() == total_lines {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "engine did not catch up (seed {seed})");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "engine did not catch up (seed {seed})"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
     engine.shutdown().await.unwrap();
     task.await.unwrap();
 
     let built = factory.built.lock().unwrap();
-    let steady: Vec<_> = built.iter().filter(|(s, _, _)| s.id.policy == "steady" || s.id.policy == "kept").collect();
+    let steady: Vec<_> = built
+        .iter()
+        .filter(|(s, _, _)| s.id.policy == "steady" || s.id.policy == "kept")
+        .collect();
     assert_eq!(steady.len(), 2, "steady and kept were built once each");
     for (s, log, _) in &steady {
         let log = log.lock().unwrap();
@@ -186,17 +223,33 @@ async fn run_seed(seed: u64) {
                 && log[..replay.len()] == replay[..]
                 && live[*at..].starts_with(&log[replay.len()..])
         });
-        assert!(ok, "instance {} v{} saw a stream with a gap or duplicate (seed {seed})", s.id, s.config["version"]);
+        assert!(
+            ok,
+            "instance {} v{} saw a stream with a gap or duplicate (seed {seed})",
+            s.id, s.config["version"]
+        );
         checked += 1;
     }
     assert!(checked > 50, "only {checked} instances");
     // Every-event subscribers that lived to the end hold the final state of every resource.
-    let want: BTreeMap<String, String> =
-        final_state.resources.iter().map(|r| (r.name.clone(), serde_json::to_string(&**r).unwrap())).collect();
+    let want: BTreeMap<String, String> = final_state
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), serde_json::to_string(&**r).unwrap()))
+        .collect();
     let last_b = built.iter().rev().find(|(s, _, _)| s.id.policy == "b");
-    for (s, _, view) in steady.iter().copied().chain(last_b.filter(|_| versions["b"].is_some())) {
+    for (s, _, view) in steady
+        .iter()
+        .copied()
+        .chain(last_b.filter(|_| versions["b"].is_some()))
+    {
         if s.config["events"] == true {
-            assert_eq!(*view.lock().unwrap(), want, "{} every-event view (seed {seed})", s.id);
+            assert_eq!(
+                *view.lock().unwrap(),
+                want,
+                "{} every-event view (seed {seed})",
+                s.id
+            );
         }
     }
 }

@@ -116,14 +116,8 @@ async fn wait_for(mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-async fn wait(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out: {what}");
+async fn wait(what: &str, f: impl FnMut() -> bool) {
+    assert!(wait_for(f).await, "timed out: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,7 +258,7 @@ fn err<T>(reason: impl Into<String>) -> Result<T, ParseError> {
 
 /// Removes ANSI colour sequences (`drbdsetup events2 --color`). Borrows when there are none.
 pub fn strip_ansi(line: &str) -> Cow<'_, str> {
-    if !line.contains('\x1b') {
+    if memchr::memchr(0x1b, line.as_bytes()).is_none() {
         return Cow::Borrowed(line);
     }
     let mut out = String::with_capacity(line.len());
@@ -293,10 +293,28 @@ fn diff_new(v: &str) -> &str {
     }
 }
 
-fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ParseError> {
-    v.parse().map_err(|_| ParseError {
+fn num<T: TryFrom<u64>>(key: &str, v: &str) -> Result<T, ParseError> {
+    let bad = || ParseError {
         reason: format!("field '{key}': '{v}' is not a number"),
-    })
+    };
+    let n = if v.len() < 20 {
+        // up to 19 digits cannot overflow a u64: no checks needed in the loop
+        let mut n = 0u64;
+        for b in v.bytes() {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return Err(bad());
+            }
+            n = n * 10 + d as u64;
+        }
+        if v.is_empty() {
+            return Err(bad());
+        }
+        n
+    } else {
+        v.parse::<u64>().map_err(|_| bad())?
+    };
+    T::try_from(n).map_err(|_| bad())
 }
 
 fn float(key: &str, v: &str) -> Result<f64, ParseError> {
@@ -313,7 +331,10 @@ fn tri(key: &str, v: &str) -> Result<Tri, ParseError> {
 
 /// Parses one line of `drbdsetup events2` output (without the trailing newline).
 pub fn parse_line(line: &str) -> Result<Line<'_>, ParseError> {
-    let mut toks = line.split_ascii_whitespace();
+    let mut toks = Tokens {
+        rest: line.as_bytes(),
+        line,
+    };
     let mut first = match toks.next() {
         Some(t) => t,
         None => return err("empty line"),
@@ -347,13 +368,14 @@ pub fn parse_line(line: &str) -> Result<Line<'_>, ParseError> {
         });
     }
     let mut extra = Vec::new();
+    let diff = memchr::memchr(b'>', line.as_bytes()).is_some();
     let object = match obj {
-        "resource" => Object::Resource(parse_resource(toks, &mut extra)?),
-        "device" => Object::Device(parse_device(toks, &mut extra)?),
-        "connection" => Object::Connection(parse_connection(toks, &mut extra)?),
-        "peer-device" => Object::PeerDevice(parse_peer_device(toks, &mut extra)?),
-        "path" => Object::Path(parse_path(toks, &mut extra)?),
-        "helper" => Object::Helper(parse_helper(toks, &mut extra)?),
+        "resource" => Object::Resource(parse_resource(toks, diff, &mut extra)?),
+        "device" => Object::Device(parse_device(toks, diff, &mut extra)?),
+        "connection" => Object::Connection(parse_connection(toks, diff, &mut extra)?),
+        "peer-device" => Object::PeerDevice(parse_peer_device(toks, diff, &mut extra)?),
+        "path" => Object::Path(parse_path(toks, diff, &mut extra)?),
+        "helper" => Object::Helper(parse_helper(toks, diff, &mut extra)?),
         other => return err(format!("unknown object '{}'", truncate(other))),
     };
     let verb_ok = match (&object, verb) {
@@ -388,12 +410,38 @@ fn truncate(s: &str) -> &str {
     }
 }
 
-/// Iterates `key:value` tokens, splitting at the first ':'.
+/// Splits a line at runs of spaces and tabs, with SIMD searches (memchr) instead of a per-byte loop: the
+/// tokenizer is the hottest part of the agent.
+struct Tokens<'a> {
+    line: &'a str,
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let start = self.rest.iter().position(|b| *b != b' ' && *b != b'\t')?;
+        let rest = &self.rest[start..];
+        let len = memchr::memchr2(b' ', b'\t', rest).unwrap_or(rest.len());
+        let offset = self.line.len() - self.rest.len() + start;
+        self.rest = &rest[len..];
+        // Both ends are at ASCII bytes (or the end), so they are char boundaries.
+        self.line.get(offset..offset + len)
+    }
+}
+
+/// Iterates `key:value` tokens, splitting at the first `:`;
+/// `--diff` values (`old->new`) are only looked for in lines that contain a '>'.
 fn pairs<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
 ) -> impl Iterator<Item = Result<(&'a str, &'a str), ParseError>> {
-    toks.map(|t| match t.split_once(':') {
-        Some((k, v)) if !k.is_empty() => Ok((k, diff_new(v))),
+    toks.map(move |t| match memchr::memchr(b':', t.as_bytes()) {
+        Some(i) if i > 0 => {
+            let v = &t[i + 1..];
+            Ok((&t[..i], if diff { diff_new(v) } else { v }))
+        }
         _ => err(format!("field '{}' has no 'key:value' form", truncate(t))),
     })
 }
@@ -414,11 +462,12 @@ fn required<T>(v: Option<T>, key: &str) -> Result<T, ParseError> {
 
 fn parse_resource<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<ResourceFields<'a>, ParseError> {
     let mut name = None;
     let mut f = ResourceFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         match k {
             "name" => name = Some(v),
@@ -438,11 +487,12 @@ fn parse_resource<'a>(
 
 fn parse_device<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<DeviceFields<'a>, ParseError> {
     let (mut name, mut volume) = (None, None);
     let mut f = DeviceFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         match k {
             "name" => name = Some(v),
@@ -472,11 +522,12 @@ fn parse_device<'a>(
 
 fn parse_connection<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<ConnectionFields<'a>, ParseError> {
     let (mut name, mut peer) = (None, None);
     let mut f = ConnectionFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         match k {
             "name" => name = Some(v),
@@ -498,11 +549,12 @@ fn parse_connection<'a>(
 
 fn parse_peer_device<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<PeerDeviceFields<'a>, ParseError> {
     let (mut name, mut peer, mut volume) = (None, None, None);
     let mut f = PeerDeviceFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         let s = &mut f.sync;
         match k {
@@ -551,11 +603,12 @@ fn parse_peer_device<'a>(
 
 fn parse_path<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<PathFields<'a>, ParseError> {
     let (mut name, mut peer_id, mut local, mut peer) = (None, None, None, None);
     let mut f = PathFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         match k {
             "name" => name = Some(v),
@@ -577,11 +630,12 @@ fn parse_path<'a>(
 
 fn parse_helper<'a>(
     toks: impl Iterator<Item = &'a str>,
+    diff: bool,
     extra: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<HelperFields<'a>, ParseError> {
     let (mut name, mut helper) = (None, None);
     let mut f = HelperFields::default();
-    for p in pairs(toks) {
+    for p in pairs(toks, diff) {
         let (k, v) = p?;
         match k {
             "name" => name = Some(v),

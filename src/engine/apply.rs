@@ -3,7 +3,7 @@
 use super::update::*;
 use crate::drbd::events2::*;
 use crate::drbd::state::*;
-use std::collections::{HashMap, HashSet};
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use std::sync::Arc;
 
 /// Ids given to peers of old output that prints no `peer-node-id`.
@@ -379,11 +379,18 @@ impl State {
             return id;
         }
         let conn_name = conn_name.unwrap_or_default();
-        let Some(r) = self.resources.get(name) else { return LEGACY_PEER_ID_BASE };
+        let Some(r) = self.resources.get(name) else {
+            return LEGACY_PEER_ID_BASE;
+        };
         if let Some(c) = r.connections.values().find(|c| c.conn_name == conn_name) {
             return c.peer_node_id;
         }
-        r.connections.keys().copied().filter(|k| *k >= LEGACY_PEER_ID_BASE).max().map_or(LEGACY_PEER_ID_BASE, |m| m + 1)
+        r.connections
+            .keys()
+            .copied()
+            .filter(|k| *k >= LEGACY_PEER_ID_BASE)
+            .max()
+            .map_or(LEGACY_PEER_ID_BASE, |m| m + 1)
     }
 
     fn conn_mut<'s>(r: &'s mut Resource, peer: u32, conn_name: Option<&str>) -> &'s mut Connection {
@@ -449,14 +456,7 @@ impl State {
             }
             return;
         }
-        self.seen(|| {
-            ObjKey::Path(
-                name.clone(),
-                peer,
-                f.local.to_string(),
-                f.peer.to_string(),
-            )
-        });
+        self.seen(|| ObjKey::Path(name.clone(), peer, f.local.to_string(), f.peer.to_string()));
         let (r, _) = self.res_mut(&name);
         let c = Self::conn_mut(r, peer, f.conn_name);
         // The kernel may not send `exists` for paths: a `change path` for an unknown path creates it.

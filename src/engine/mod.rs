@@ -110,7 +110,11 @@ impl Engine {
     /// Applies a chunk of complete lines (each ending in `\n`, the last one may lack it).
     pub fn apply_chunk(&mut self, chunk: &[u8], out: &mut Vec<Update>) -> ChunkStats {
         let mut st = ChunkStats::default();
-        for raw in chunk.split(|b| *b == b'\n') {
+        let mut start = 0;
+        let ends = memchr::memchr_iter(b'\n', chunk).chain(std::iter::once(chunk.len()));
+        for end in ends {
+            let raw = &chunk[start..end];
+            start = end + 1;
             let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
             if raw.is_empty() {
                 continue;

@@ -2,6 +2,7 @@
 
 use crate::engine::runtime::{EngineHandle, Health};
 use crate::metrics::AgentMetrics;
+use crate::plugins::prometheus::{self as exporter, ExporterHub};
 use crate::policy::files::FileProblem;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -97,6 +98,8 @@ pub struct HttpState {
     pub engine: EngineHandle,
     pub metrics: AgentMetrics,
     pub policies: Arc<Mutex<PolicyStatus>>,
+    /// DRBD families of the running exporter instances (none while no policy enables the exporter).
+    pub exporter: Arc<ExporterHub>,
 }
 
 #[derive(Serialize)]
@@ -154,7 +157,7 @@ fn summary(r: &crate::drbd::state::Resource) -> ResourceSummary {
 
 pub fn routes(
     st: HttpState,
-) -> impl Filter<Extract = (Response<String>,), Error = std::convert::Infallible> + Clone {
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| text(StatusCode::OK, "ok\n"));
@@ -212,18 +215,28 @@ pub fn routes(
         }
     });
     let s = st.clone();
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        let enc = prometheus::TextEncoder::new();
-        let body = enc
-            .encode_to_string(&s.metrics.registry.gather())
-            .unwrap_or_default();
-        let mut r = Response::new(body);
-        r.headers_mut().insert(
-            "content-type",
-            prometheus::TEXT_FORMAT.parse().expect("valid header"),
-        );
-        r
-    });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("accept-encoding"))
+        .and_then(move |accept: Option<String>| {
+            let s = s.clone();
+            async move {
+                let gz = accept.as_deref().is_some_and(exporter::accepts_gzip);
+                // Rendering is CPU work: keep it off the async workers the engine runs on.
+                let r = tokio::task::spawn_blocking(move || {
+                    let body = exporter::render_metrics(&s.exporter, &s.metrics.registry);
+                    metrics_response(body, gz)
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    warp::reply::Reply::into_response(text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "metrics rendering failed\n",
+                    ))
+                });
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
     let not_found = warp::any().map(|| {
         text(
             StatusCode::NOT_FOUND,
@@ -235,10 +248,41 @@ pub fn routes(
         .unify()
         .or(status)
         .unify()
+        .map(warp::reply::Reply::into_response)
         .or(metrics)
         .unify()
-        .or(not_found)
+        .or(not_found.map(warp::reply::Reply::into_response))
         .unify()
+}
+
+/// `/metrics` response: the Prometheus text format (0.0.4), gzip-compressed when the client allows it.
+fn metrics_response(body: String, gzip: bool) -> warp::reply::Response {
+    let compressed = if gzip {
+        exporter::gzip(body.as_bytes()).ok()
+    } else {
+        None
+    };
+    let gzipped = compressed.is_some();
+    let mut r = match compressed {
+        Some(b) => Response::new(b.into()),
+        None => Response::new(body.into()),
+    };
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        warp::http::HeaderValue::from_static(prometheus::TEXT_FORMAT),
+    );
+    h.insert(
+        "vary",
+        warp::http::HeaderValue::from_static("accept-encoding"),
+    );
+    if gzipped {
+        h.insert(
+            "content-encoding",
+            warp::http::HeaderValue::from_static("gzip"),
+        );
+    }
+    r
 }
 
 fn text(code: StatusCode, body: &str) -> Response<String> {

@@ -9,6 +9,8 @@
 //! `None`, and the plugin runs its exit actions and returns.
 
 pub mod debugger;
+pub mod prometheus;
+pub mod umh;
 
 use crate::drbd::state::Resource;
 use crate::engine::update::Update;
@@ -95,13 +97,38 @@ pub trait PluginFactory: Send + Sync + 'static {
     fn build(&self, spec: &InstanceSpec) -> Result<Box<dyn Plugin>, PluginError>;
 }
 
-/// The factory of the real plugins.
-pub struct Builtin;
+/// The factory of the real plugins, holding the services they share with the rest of the agent.
+#[derive(Clone, Default)]
+pub struct Builtin {
+    /// Where exporter instances publish the DRBD state that `/metrics` renders.
+    pub exporter: Arc<prometheus::ExporterHub>,
+    /// Where UMH instances write their scripts and how they reach the host.
+    pub umh: umh::UmhOptions,
+}
+
+impl Builtin {
+    pub fn new(exporter: Arc<prometheus::ExporterHub>) -> Builtin {
+        Builtin {
+            exporter,
+            umh: umh::UmhOptions::default(),
+        }
+    }
+
+    /// The same factory with these UMH options.
+    pub fn with_umh(self, umh: umh::UmhOptions) -> Builtin {
+        Builtin { umh, ..self }
+    }
+}
 
 impl PluginFactory for Builtin {
     fn build(&self, spec: &InstanceSpec) -> Result<Box<dyn Plugin>, PluginError> {
         match spec.id.kind.as_str() {
             "debugger" => Ok(Box::new(debugger::Debugger::from_config(&spec.config)?)),
+            "prometheus" => Ok(Box::new(prometheus::Prometheus::from_config(
+                &spec.config,
+                self.exporter.clone(),
+            )?)),
+            "umh" => Ok(Box::new(umh::Umh::from_spec(spec, &self.umh)?)),
             other => Err(PluginError::UnknownType(other.to_string())),
         }
     }
@@ -175,11 +202,14 @@ pub struct Outbox {
 impl Outbox {
     /// Queues a change update; returns the queue length after it.
     pub fn send(&self, u: &Arc<Update>) -> usize {
-        match &self.changes {
-            Some(tx) if tx.send(u.clone()).is_ok() => {
-                self.queued.fetch_add(1, Ordering::Relaxed) + 1
-            }
-            _ => 0,
+        let Some(tx) = &self.changes else { return 0 };
+        // Counted before it is sent: the reader may take it (and count it out) at once, on another thread.
+        let n = self.queued.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if tx.send(u.clone()).is_ok() {
+            n
+        } else {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            0
         }
     }
 

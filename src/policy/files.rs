@@ -55,6 +55,16 @@ pub fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, String>> {
     Ok(out)
 }
 
+/// What only Kubernetes mode can do (ConfigMap scripts) is rejected with the field that asks for it.
+fn file_mode_check(policies: &[ReactorPolicy]) -> Result<(), String> {
+    for p in policies {
+        if let Some(u) = &p.spec.umh {
+            crate::plugins::umh::file_mode_check(u).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 impl PolicyDir {
     pub fn new() -> PolicyDir {
         PolicyDir::default()
@@ -70,7 +80,9 @@ impl PolicyDir {
             }
             let parsed = match content.strip_prefix('\u{0}') {
                 Some(msg) => Err(msg.to_string()),
-                None => parse_documents(&content).map_err(|e| e.to_string()),
+                None => parse_documents(&content)
+                    .map_err(|e| e.to_string())
+                    .and_then(|ps| file_mode_check(&ps).map(|()| ps)),
             };
             match parsed {
                 Ok(policies) => {

@@ -5,6 +5,8 @@
 pub mod files;
 
 use crate::plugins::debugger::DebuggerSpec;
+use crate::plugins::prometheus::PrometheusSpec;
+use crate::plugins::umh::spec::UmhSpec;
 use crate::plugins::{InstanceId, InstanceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::CustomResource;
@@ -33,6 +35,13 @@ pub struct ReactorPolicySpec {
     /// Print every change update as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debugger: Option<DebuggerSpec>,
+    /// Export DRBD metrics on the agent's `/metrics`. Policies that enable it on the same node share one
+    /// exporter; `enums` is on if any of them asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSpec>,
+    /// Run commands or scripts on DRBD state changes and kernel helper events (see docs/umh.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umh: Option<UmhSpec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -140,6 +149,9 @@ pub fn validate(p: &ReactorPolicy) -> Result<(), PolicyError> {
             }
         }
     }
+    if let Some(u) = &p.spec.umh {
+        crate::plugins::umh::validate(u).map_err(|e| invalid(&e.path, e.message))?;
+    }
     Ok(())
 }
 
@@ -207,6 +219,16 @@ pub fn desired_instances(
         if let Some(d) = &p.spec.debugger {
             out.push(spec_of(name, "debugger", d));
         }
+        if let Some(p) = &p.spec.prometheus {
+            out.push(spec_of(name, "prometheus", p));
+        }
+        if let Some(u) = &p.spec.umh {
+            out.push(spec_of(
+                name,
+                "umh",
+                &crate::plugins::umh::InstanceConfig::new(u.clone()),
+            ));
+        }
     }
     out
 }
@@ -225,6 +247,24 @@ mod tests {
         assert_eq!(inst.len(), 1);
         assert_eq!(inst[0].id.to_string(), "debug/debugger");
         assert_eq!(inst[0].config, serde_json::json!({"output": "stdout"}));
+    }
+
+    #[test]
+    fn prometheus_section() {
+        let yaml = GOOD.replace("spec:\n", "spec:\n  prometheus: {}\n");
+        let inst = desired_instances(&parse_documents(&yaml).unwrap(), &BTreeMap::new());
+        assert_eq!(inst.len(), 2);
+        assert_eq!(inst[1].id.to_string(), "debug/prometheus");
+        assert_eq!(inst[1].config, serde_json::json!({"enums": false}));
+        let yaml = GOOD.replace("spec:\n", "spec:\n  prometheus:\n    enums: true\n");
+        let inst = desired_instances(&parse_documents(&yaml).unwrap(), &BTreeMap::new());
+        assert_eq!(inst[1].config, serde_json::json!({"enums": true}));
+        let yaml = GOOD.replace("spec:\n", "spec:\n  prometheus:\n    address: ':9942'\n");
+        let e = parse_documents(&yaml).unwrap_err().to_string();
+        assert!(
+            e.starts_with("spec.prometheus.address: unknown field `address`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -28,9 +28,28 @@ impl Rng {
 }
 
 const ROLES: &[&str] = &["Primary", "Secondary"];
-const DISKS: &[&str] = &["UpToDate", "Outdated", "Inconsistent", "Diskless", "DUnknown", "Consistent"];
-const CONNS: &[&str] = &["Connected", "Connecting", "StandAlone", "NetworkFailure", "Unconnected"];
-const REPLS: &[&str] = &["Established", "Off", "SyncSource", "SyncTarget", "PausedSyncS"];
+const DISKS: &[&str] = &[
+    "UpToDate",
+    "Outdated",
+    "Inconsistent",
+    "Diskless",
+    "DUnknown",
+    "Consistent",
+];
+const CONNS: &[&str] = &[
+    "Connected",
+    "Connecting",
+    "StandAlone",
+    "NetworkFailure",
+    "Unconnected",
+];
+const REPLS: &[&str] = &[
+    "Established",
+    "Off",
+    "SyncSource",
+    "SyncTarget",
+    "PausedSyncS",
+];
 
 /// `--full` lines for a small cluster view, as drbdsetup would print them over time: resources appear and
 /// disappear, roles, disks, connections and replication states change, statistics move, helpers run.
@@ -45,7 +64,14 @@ pub struct StreamGen {
 
 impl StreamGen {
     pub fn new(seed: u64, resources: usize, peers: u32, volumes: u32) -> StreamGen {
-        StreamGen { rng: Rng::new(seed), resources, peers, volumes, live: vec![false; resources], tick: 0 }
+        StreamGen {
+            rng: Rng::new(seed),
+            resources,
+            peers,
+            volumes,
+            live: vec![false; resources],
+            tick: 0,
+        }
     }
 
     fn res_line(&mut self, verb: &str, r: usize) -> String {
@@ -71,7 +97,11 @@ impl StreamGen {
 
     fn conn_line(&mut self, verb: &str, r: usize, p: u32) -> String {
         let c = *self.rng.pick(CONNS);
-        let role = if c == "Connected" { *self.rng.pick(ROLES) } else { "Unknown" };
+        let role = if c == "Connected" {
+            *self.rng.pick(ROLES)
+        } else {
+            "Unknown"
+        };
         format!(
             "{verb} connection name:res{r} peer-node-id:{p} conn-name:node{p} connection:{c} role:{role} congested:no ap-in-flight:{} rs-in-flight:0",
             self.rng.below(64)
@@ -82,7 +112,11 @@ impl StreamGen {
         let repl = *self.rng.pick(REPLS);
         let disk = *self.rng.pick(DISKS);
         self.tick += 1;
-        let done = if repl.contains("Sync") { format!(" done:{}.{:02}", self.rng.below(100), self.rng.below(100)) } else { String::new() };
+        let done = if repl.contains("Sync") {
+            format!(" done:{}.{:02}", self.rng.below(100), self.rng.below(100))
+        } else {
+            String::new()
+        };
         format!(
             "{verb} peer-device name:res{r} peer-node-id:{p} conn-name:node{p} volume:{v} replication:{repl} peer-disk:{disk} peer-client:no resync-suspended:no{done} received:{} sent:{} out-of-sync:{} pending:0 unacked:0",
             self.tick, self.tick * 2, self.rng.below(4096)
@@ -120,9 +154,13 @@ impl StreamGen {
         for p in 1..=self.peers {
             out.push(format!("destroy path name:res{r} peer-node-id:{p} conn-name:node{p} local:ipv4:10.0.0.1:{} peer:ipv4:10.0.0.{}:{}", 7000 + r, p + 1, 7000 + r));
             for v in 0..self.volumes {
-                out.push(format!("destroy peer-device name:res{r} peer-node-id:{p} conn-name:node{p} volume:{v}"));
+                out.push(format!(
+                    "destroy peer-device name:res{r} peer-node-id:{p} conn-name:node{p} volume:{v}"
+                ));
             }
-            out.push(format!("destroy connection name:res{r} peer-node-id:{p} conn-name:node{p}"));
+            out.push(format!(
+                "destroy connection name:res{r} peer-node-id:{p} conn-name:node{p}"
+            ));
         }
         for v in 0..self.volumes {
             out.push(format!("destroy device name:res{r} volume:{v}"));

@@ -1,0 +1,189 @@
+//! `/metrics` for 1000 resources × 2 peers × 2 volumes: generation time and size, and event processing
+//! throughput with and without concurrent scraping.
+//!
+//! `cargo bench --bench metrics` (add `-- --quick` for a short run). Sizes are printed before the runs.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use drbd_reactor::engine::Engine;
+use drbd_reactor::metrics::AgentMetrics;
+use drbd_reactor::plugins::prometheus::{self as exporter, render, ExporterHub, View};
+use drbd_reactor::plugins::InstanceId;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const RESOURCES: usize = 1000;
+const PEERS: u32 = 2;
+const VOLUMES: u32 = 2;
+
+/// The `exists` dump of the benchmark cluster.
+fn dump() -> String {
+    let mut s = String::new();
+    for r in 0..RESOURCES {
+        let n = format!("pvc-{r:05}-0a2826c9-7108-11e9-8f74");
+        let _ = writeln!(s, "exists resource name:{n} role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:yes promotion_score:10102");
+        for p in 1..=PEERS {
+            let _ = writeln!(s, "exists connection name:{n} peer-node-id:{p} conn-name:node-{p} connection:Connected role:Secondary congested:no ap-in-flight:0 rs-in-flight:0");
+        }
+        for v in 0..VOLUMES {
+            let minor = 1000 + r as u32 * VOLUMES + v;
+            let _ = writeln!(s, "exists device name:{n} volume:{v} minor:{minor} backing_dev:/dev/vg/{n}_{v} disk:UpToDate client:no open:no quorum:yes size:1048576 read:2104 written:0 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no blocked:no");
+        }
+        for p in 1..=PEERS {
+            for v in 0..VOLUMES {
+                let _ = writeln!(s, "exists peer-device name:{n} peer-node-id:{p} conn-name:node-{p} volume:{v} replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0");
+            }
+            let _ = writeln!(s, "exists path name:{n} peer-node-id:{p} conn-name:node-{p} local:ipv4:10.0.0.1:{} peer:ipv4:10.0.0.{}:{} established:yes", 7000 + r, 1 + p, 7000 + r);
+        }
+    }
+    s.push_str("exists -\n");
+    s
+}
+
+/// A round of statistics updates (`--poll` refresh): one device and one peer-device line per resource.
+fn poll_round(round: u64) -> String {
+    let mut s = String::new();
+    for r in 0..RESOURCES {
+        let n = format!("pvc-{r:05}-0a2826c9-7108-11e9-8f74");
+        let minor = 1000 + r as u32 * VOLUMES;
+        let _ = writeln!(s, "change device name:{n} volume:0 minor:{minor} backing_dev:/dev/vg/{n}_0 disk:UpToDate client:no open:yes quorum:yes size:1048576 read:{} written:{} al-writes:{round} bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no", 2104 + round, round * 4);
+        let _ = writeln!(s, "change peer-device name:{n} peer-node-id:1 conn-name:node-1 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:{} out-of-sync:0 pending:0 unacked:0", round * 4);
+    }
+    s
+}
+
+fn id(p: &str) -> InstanceId {
+    InstanceId {
+        policy: p.to_string(),
+        kind: "prometheus".to_string(),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut engine = Engine::new();
+    let mut out = Vec::new();
+    engine.apply_chunk(dump().as_bytes(), &mut out);
+    let resources = engine.state.snapshot();
+    assert_eq!(resources.len(), RESOURCES);
+
+    let hub = Arc::new(ExporterHub::default());
+    let reg = hub.register(id("bench"), true);
+    reg.apply(
+        resources
+            .iter()
+            .map(|r| (Arc::from(r.name.as_str()), Some(r.clone())))
+            .collect(),
+    );
+    let agent = AgentMetrics::new();
+
+    for enums in [false, true] {
+        let view = View {
+            resources: resources.clone(),
+            enums,
+            version: Default::default(),
+        };
+        let text = render::to_text(&view);
+        let gz = exporter::gzip(text.as_bytes()).expect("gzip");
+        eprintln!(
+            "exposition enums={enums}: {} bytes, {} samples, {} bytes gzipped",
+            text.len(),
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            gz.len()
+        );
+    }
+
+    let mut g = c.benchmark_group("scrape_1000x2x2");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(5));
+    for enums in [false, true] {
+        let view = View {
+            resources: resources.clone(),
+            enums,
+            version: Default::default(),
+        };
+        g.bench_with_input(BenchmarkId::new("text", enums), &view, |b, v| {
+            b.iter(|| render::to_text(v).len())
+        });
+        g.bench_with_input(
+            BenchmarkId::new("collector_then_text_encoder", enums),
+            &view,
+            |b, v| {
+                b.iter(|| {
+                    prometheus::TextEncoder::new()
+                        .encode_to_string(&render::to_families(v))
+                        .map(|s| s.len())
+                })
+            },
+        );
+    }
+    // What one /metrics request does (enums on): snapshot from the hub, DRBD families, agent families.
+    // `changed`: a notification arrived since the last scrape, so the DRBD families are rendered anew;
+    // `unchanged`: the kept rendering is reused.
+    g.bench_function("metrics_endpoint_enums_changed", |b| {
+        b.iter(|| {
+            reg.apply(Vec::new());
+            exporter::render_metrics(&hub, &agent.registry).len()
+        })
+    });
+    g.bench_function("metrics_endpoint_enums_unchanged", |b| {
+        b.iter(|| exporter::render_metrics(&hub, &agent.registry).len())
+    });
+    g.bench_function("metrics_endpoint_enums_changed_gzip", |b| {
+        b.iter(|| {
+            reg.apply(Vec::new());
+            let body = exporter::render_metrics(&hub, &agent.registry);
+            exporter::gzip(body.as_bytes()).map(|v| v.len())
+        })
+    });
+    g.finish();
+
+    // Event processing: engine apply + the exporter instance's update, as in the agent (the engine hands
+    // the touched resources to the instance). With and without a thread scraping back to back.
+    let rounds: Vec<String> = (1..=8).map(poll_round).collect();
+    let lines_per_round = (RESOURCES * 2) as u64;
+    let mut g = c.benchmark_group("events_1000x2x2");
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(lines_per_round));
+    for scraping in [false, true] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let scraper = scraping.then(|| {
+            let (hub, agent, stop, scrapes) =
+                (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
+                    scrapes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        let mut i = 0usize;
+        let name = if scraping {
+            "with_concurrent_scraping"
+        } else {
+            "without_scraping"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % rounds.len();
+                out.clear();
+                engine.apply_chunk(rounds[i].as_bytes(), &mut out);
+                reg.apply(engine.state.take_dirty())
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        if let Some(t) = scraper {
+            let _ = t.join();
+            eprintln!(
+                "concurrent scrapes during the run: {}",
+                scrapes.load(Ordering::Relaxed)
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,704 @@
+//! The exporter's metric families, built from a snapshot of the DRBD state at scrape time.
+//!
+//! One function, [`render`], walks the snapshot and emits every family through a [`Sink`]. Two sinks exist:
+//! [`TextSink`] writes the Prometheus text exposition (format 0.0.4) straight into a string, which is what
+//! `/metrics` serves, and [`ProtoSink`] builds `prometheus` crate `MetricFamily` values for the
+//! [`Collector`](::prometheus::core::Collector) implementation. Both see the same families, in the same
+//! order, with the same samples; a test checks that the crate's `TextEncoder` turns the second into
+//! exactly the bytes of the first.
+//!
+//! Order is deterministic: families in the order of [`FAMILIES`]; within a family resources by name,
+//! then devices by volume, connections by peer node id, peer devices by volume, paths in the order
+//! DRBD reported them, and enum values in DRBD's own enum order.
+//!
+//! A `yes`/`no` field that DRBD reported as `unknown` (or did not report) has no sample: an absent series
+//! says "not known", where 0 or 1 would be a guess.
+
+use crate::drbd::state::{Connection, Device, Path, PeerDevice, Resource};
+use crate::drbd::types::{Blocked, ConnState, DiskState, ReplState, Role, Tri, WriteOrdering};
+use ::prometheus::proto;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        }
+    }
+}
+
+/// One metric family of the exporter.
+#[derive(Debug, Clone, Copy)]
+pub struct FamilyDef {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// Label names, in output order (for enum families the last one is the state label).
+    pub labels: &'static [&'static str],
+    /// Same name, type, labels and unit as upstream drbd-reactor.
+    pub upstream: bool,
+    /// One-hot state family, emitted only when `enums` is on.
+    pub enums_only: bool,
+}
+
+macro_rules! families {
+    ($($id:ident = $name:literal, $kind:ident, [$($l:literal),*], upstream $up:literal, enums $en:literal, $help:literal;)+) => {
+        $(pub const $id: FamilyDef = FamilyDef {
+            name: $name,
+            help: $help,
+            kind: Kind::$kind,
+            labels: &[$($l),*],
+            upstream: $up,
+            enums_only: $en,
+        };)+
+        /// Every family of the exporter, in output order.
+        pub const FAMILIES: &[FamilyDef] = &[$($id),+];
+    };
+}
+
+families! {
+    UP = "drbdreactor_up", Gauge, [], upstream true, enums false,
+        "Whether the drbd-reactor exporter is running (always 1)";
+    VERSION = "drbd_version", Gauge, ["kmod", "utils"], upstream true, enums false,
+        "Version of the loaded DRBD kernel module and of the DRBD utilities (0.0.0 when unknown); always 1";
+    RESOURCES = "drbd_resource_resources", Gauge, [], upstream true, enums false,
+        "Number of DRBD resources";
+    RES_ROLE = "drbd_resource_role", Gauge, ["name", "drbd_resource_role"], upstream true, enums true,
+        "DRBD role of the resource (1 for the current role, 0 for the others)";
+    RES_SUSPENDED = "drbd_resource_suspended", Gauge, ["name"], upstream true, enums false,
+        "Whether I/O on the resource is suspended (for any reason)";
+    RES_MAYPROMOTE = "drbd_resource_maypromote", Gauge, ["name"], upstream true, enums false,
+        "Whether the resource may be promoted to Primary";
+    RES_PROMOTIONSCORE = "drbd_resource_promotionscore", Gauge, ["name"], upstream true, enums false,
+        "Promotion score of the resource (higher is better)";
+    RES_FORCEIOFAILURES = "drbd_resource_forceiofailures", Gauge, ["name"], upstream true, enums false,
+        "Whether the resource is set, possibly temporarily, to fail I/O requests (e.g. after secondary --force)";
+    RES_WRITE_ORDERING = "drbd_resource_write_ordering", Gauge, ["name", "drbd_resource_write_ordering"], upstream false, enums true,
+        "Write ordering method of the resource (1 for the current method, 0 for the others)";
+    CONN_STATE = "drbd_connection_state", Gauge, ["name", "conn_name", "peer_node_id", "drbd_connection_state"], upstream true, enums true,
+        "DRBD connection state (1 for the current state, 0 for the others)";
+    CONN_CONGESTED = "drbd_connection_congested", Gauge, ["name", "conn_name", "peer_node_id"], upstream true, enums false,
+        "Whether the TCP send buffer of the data connection is more than 80% full";
+    CONN_APINFLIGHT = "drbd_connection_apinflight_bytes", Gauge, ["name", "conn_name", "peer_node_id"], upstream true, enums false,
+        "Application requests in flight to the peer (not yet completed), in bytes";
+    CONN_RSINFLIGHT = "drbd_connection_rsinflight_bytes", Gauge, ["name", "conn_name", "peer_node_id"], upstream true, enums false,
+        "Resync requests in flight to the peer, in bytes";
+    PD_OUTOFSYNC = "drbd_peerdevice_outofsync_bytes", Gauge, ["name", "conn_name", "peer_node_id", "volume"], upstream true, enums false,
+        "Bytes out of sync with this peer, according to the bitmap DRBD keeps for it";
+    PD_SENT = "drbd_peerdevice_sent_bytes", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream true, enums false,
+        "Bytes sent to this peer (upstream name, without the _total suffix)";
+    PD_RECEIVED = "drbd_peerdevice_received_bytes", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream true, enums false,
+        "Bytes received from this peer (upstream name, without the _total suffix)";
+    PD_REPLICATION = "drbd_peerdevice_replication_state", Gauge, ["name", "conn_name", "peer_node_id", "volume", "drbd_peerdevice_replication_state"], upstream false, enums true,
+        "Replication state towards this peer (1 for the current state, 0 for the others)";
+    PD_PEER_DISK = "drbd_peerdevice_peer_disk_state", Gauge, ["name", "conn_name", "peer_node_id", "volume", "drbd_peerdevice_peer_disk_state"], upstream false, enums true,
+        "Disk state of the peer's replica (1 for the current state, 0 for the others)";
+    PD_RESYNC_DONE = "drbd_peerdevice_resync_done_ratio", Gauge, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Progress of the running resync or online verify with this peer, 0 to 1 (absent when none runs)";
+    PD_RESYNC_ETA = "drbd_peerdevice_resync_eta_seconds", Gauge, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Estimated time until the running resync or online verify with this peer ends (absent when unknown)";
+    PD_PENDING = "drbd_peerdevice_pending_requests", Gauge, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Requests sent to this peer that it has not answered yet";
+    PD_UNACKED = "drbd_peerdevice_unacked_requests", Gauge, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Requests received from this peer that have not been answered yet";
+    DEV_STATE = "drbd_device_state", Gauge, ["name", "volume", "minor", "drbd_device_state"], upstream true, enums true,
+        "Disk state of the local device (1 for the current state, 0 for the others)";
+    DEV_CLIENT = "drbd_device_client", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Whether the device is a client (intentionally diskless)";
+    DEV_UNINTENTIONALDISKLESS = "drbd_device_unintentionaldiskless", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Whether the device is diskless without being a client";
+    DEV_QUORUM = "drbd_device_quorum", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Whether the device has DRBD quorum";
+    DEV_OPEN = "drbd_device_open", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Whether the device is open";
+    DEV_SIZE = "drbd_device_size_bytes", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Size of the device in bytes";
+    DEV_READ = "drbd_device_read_bytes_total", Counter, ["name", "volume", "minor"], upstream true, enums false,
+        "Net data read from the local disk, in bytes";
+    DEV_WRITTEN = "drbd_device_written_bytes_total", Counter, ["name", "volume", "minor"], upstream true, enums false,
+        "Net data written to the local disk, in bytes";
+    DEV_ALWRITES = "drbd_device_alwrites_total", Counter, ["name", "volume", "minor"], upstream true, enums false,
+        "Updates of the activity log area of the metadata";
+    DEV_BMWRITES = "drbd_device_bmwrites_total", Counter, ["name", "volume", "minor"], upstream true, enums false,
+        "Updates of the bitmap area of the metadata";
+    DEV_UPPERPENDING = "drbd_device_upperpending", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Block I/O requests forwarded to DRBD but not yet answered by DRBD";
+    DEV_LOWERPENDING = "drbd_device_lowerpending", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Open requests to the local I/O subsystem issued by DRBD";
+    DEV_ALSUSPENDED = "drbd_device_alsuspended", Gauge, ["name", "volume", "minor"], upstream true, enums false,
+        "Whether the activity log is suspended";
+    DEV_BLOCKED = "drbd_device_blocked", Gauge, ["name", "volume", "minor", "drbd_device_blocked"], upstream false, enums false,
+        "Whether I/O of the device is blocked, towards the upper layers (upper) or the backing disk (lower)";
+    PATH_ESTABLISHED = "drbd_path_established", Gauge, ["name", "conn_name", "peer_node_id", "local", "peer"], upstream false, enums false,
+        "Whether the network path to the peer is established";
+}
+
+/// Receives the families and samples of one rendering.
+pub trait Sink {
+    /// Starts a family; its header is written only if it gets a sample.
+    fn family(&mut self, def: &'static FamilyDef);
+    /// One sample of the current family: its labels, an optional trailing label, and the value.
+    fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64);
+}
+
+/// Versions reported by `drbdadm --version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrbdVersion {
+    pub kmod: (u32, u32, u32),
+    pub utils: (u32, u32, u32),
+}
+
+impl DrbdVersion {
+    /// Reads `DRBD_KERNEL_VERSION_CODE=0x…` and `DRBDADM_VERSION_CODE=0x…` (major<<16 | minor<<8 | patch);
+    /// a missing or unreadable code stays 0.0.0.
+    pub fn parse(text: &str) -> DrbdVersion {
+        let mut v = DrbdVersion::default();
+        for line in text.lines() {
+            let Some((k, val)) = line.trim().split_once('=') else {
+                continue;
+            };
+            let Some(code) = parse_code(val.trim()) else {
+                continue;
+            };
+            match k.trim() {
+                "DRBD_KERNEL_VERSION_CODE" => v.kmod = code,
+                "DRBDADM_VERSION_CODE" => v.utils = code,
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+fn parse_code(s: &str) -> Option<(u32, u32, u32)> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let c = u32::from_str_radix(hex, 16).ok()?;
+    Some((c >> 16, (c >> 8) & 0xff, c & 0xff))
+}
+
+fn dotted(v: (u32, u32, u32)) -> String {
+    format!("{}.{}.{}", v.0, v.1, v.2)
+}
+
+/// What one rendering is built from.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Sorted by name.
+    pub resources: Vec<Arc<Resource>>,
+    pub enums: bool,
+    pub version: DrbdVersion,
+}
+
+fn tri(t: Tri) -> Option<f64> {
+    match t {
+        Tri::Yes => Some(1.0),
+        Tri::No => Some(0.0),
+        Tri::Unknown => None,
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+const KIB: f64 = 1024.0;
+const SECTOR: f64 = 512.0;
+
+struct Dev<'a> {
+    name: &'a str,
+    volume: String,
+    minor: String,
+    d: &'a Device,
+}
+
+struct Conn<'a> {
+    name: &'a str,
+    peer: String,
+    c: &'a Connection,
+}
+
+struct PeerDev<'a> {
+    conn: usize,
+    volume: String,
+    p: &'a PeerDevice,
+}
+
+struct PathCtx<'a> {
+    conn: usize,
+    p: &'a Path,
+}
+
+/// Emits every enum value with 1 for the current one and 0 for the others; a value this version does not
+/// know gets a sample of its own (1) after the known ones.
+fn one_hot<E: PartialEq>(
+    sink: &mut dyn Sink,
+    labels: &[&str],
+    known: &[E],
+    cur: &E,
+    name: fn(&E) -> &str,
+) {
+    let mut seen = false;
+    for k in known {
+        let on = k == cur;
+        seen |= on;
+        sink.sample(labels, Some(name(k)), flag(on));
+    }
+    if !seen {
+        sink.sample(labels, Some(name(cur)), 1.0);
+    }
+}
+
+fn blocked_has(b: &Blocked, what: &str) -> bool {
+    b.as_str().split(',').any(|x| x == what)
+}
+
+/// Emits every family of `view` into `sink`.
+pub fn render(view: &View, sink: &mut dyn Sink) {
+    let res: &[Arc<Resource>] = &view.resources;
+    let mut devs = Vec::new();
+    let mut conns = Vec::new();
+    let mut pds = Vec::new();
+    let mut paths = Vec::new();
+    for r in res {
+        for d in r.devices.values() {
+            devs.push(Dev {
+                name: &r.name,
+                volume: d.volume.to_string(),
+                minor: d.minor.map(|m| m.to_string()).unwrap_or_default(),
+                d,
+            });
+        }
+        for c in r.connections.values() {
+            let ci = conns.len();
+            conns.push(Conn {
+                name: &r.name,
+                peer: c.peer_node_id.to_string(),
+                c,
+            });
+            for p in c.peer_devices.values() {
+                pds.push(PeerDev {
+                    conn: ci,
+                    volume: p.volume.to_string(),
+                    p,
+                });
+            }
+            for p in &c.paths {
+                paths.push(PathCtx { conn: ci, p });
+            }
+        }
+    }
+
+    sink.family(&UP);
+    sink.sample(&[], None, 1.0);
+    sink.family(&VERSION);
+    sink.sample(
+        &[&dotted(view.version.kmod), &dotted(view.version.utils)],
+        None,
+        1.0,
+    );
+    sink.family(&RESOURCES);
+    sink.sample(&[], None, res.len() as f64);
+
+    // Resources.
+    let per_res =
+        |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Resource) -> Option<f64>| {
+            sink.family(def);
+            for r in res {
+                if let Some(v) = f(r) {
+                    sink.sample(&[&r.name], None, v);
+                }
+            }
+        };
+    if view.enums {
+        sink.family(&RES_ROLE);
+        for r in res {
+            one_hot(sink, &[&r.name], Role::KNOWN, &r.role, Role::as_str);
+        }
+    }
+    per_res(sink, &RES_SUSPENDED, &|r| Some(flag(r.suspended.any())));
+    per_res(sink, &RES_MAYPROMOTE, &|r| tri(r.may_promote));
+    per_res(sink, &RES_PROMOTIONSCORE, &|r| {
+        Some(f64::from(r.promotion_score))
+    });
+    per_res(sink, &RES_FORCEIOFAILURES, &|r| tri(r.force_io_failures));
+    if view.enums {
+        sink.family(&RES_WRITE_ORDERING);
+        for r in res {
+            if let Some(w) = &r.write_ordering {
+                one_hot(
+                    sink,
+                    &[&r.name],
+                    WriteOrdering::KNOWN,
+                    w,
+                    WriteOrdering::as_str,
+                );
+            }
+        }
+    }
+
+    // Connections.
+    let per_conn =
+        |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Connection) -> Option<f64>| {
+            sink.family(def);
+            for c in &conns {
+                if let Some(v) = f(c.c) {
+                    sink.sample(&[c.name, &c.c.conn_name, &c.peer], None, v);
+                }
+            }
+        };
+    if view.enums {
+        sink.family(&CONN_STATE);
+        for c in &conns {
+            one_hot(
+                sink,
+                &[c.name, &c.c.conn_name, &c.peer],
+                ConnState::KNOWN,
+                &c.c.connection,
+                ConnState::as_str,
+            );
+        }
+    }
+    per_conn(sink, &CONN_CONGESTED, &|c| tri(c.congested));
+    per_conn(sink, &CONN_APINFLIGHT, &|c| {
+        Some(c.ap_in_flight as f64 * SECTOR)
+    });
+    per_conn(sink, &CONN_RSINFLIGHT, &|c| {
+        Some(c.rs_in_flight as f64 * SECTOR)
+    });
+
+    // Peer devices.
+    let per_pd =
+        |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&PeerDevice) -> Option<f64>| {
+            sink.family(def);
+            for p in &pds {
+                if let Some(v) = f(p.p) {
+                    let c = &conns[p.conn];
+                    sink.sample(&[c.name, &c.c.conn_name, &c.peer, &p.volume], None, v);
+                }
+            }
+        };
+    per_pd(sink, &PD_OUTOFSYNC, &|p| Some(p.out_of_sync as f64 * KIB));
+    per_pd(sink, &PD_SENT, &|p| Some(p.sent as f64 * KIB));
+    per_pd(sink, &PD_RECEIVED, &|p| Some(p.received as f64 * KIB));
+    if view.enums {
+        sink.family(&PD_REPLICATION);
+        for p in &pds {
+            let c = &conns[p.conn];
+            one_hot(
+                sink,
+                &[c.name, &c.c.conn_name, &c.peer, &p.volume],
+                ReplState::KNOWN,
+                &p.p.replication,
+                ReplState::as_str,
+            );
+        }
+        sink.family(&PD_PEER_DISK);
+        for p in &pds {
+            let c = &conns[p.conn];
+            one_hot(
+                sink,
+                &[c.name, &c.c.conn_name, &c.peer, &p.volume],
+                DiskState::KNOWN,
+                &p.p.peer_disk,
+                DiskState::as_str,
+            );
+        }
+    }
+    per_pd(sink, &PD_RESYNC_DONE, &|p| {
+        let s = p.sync.as_ref()?;
+        s.done.is_finite().then(|| (s.done / 100.0).clamp(0.0, 1.0))
+    });
+    per_pd(sink, &PD_RESYNC_ETA, &|p| {
+        let eta = p.sync.as_ref()?.eta?;
+        (eta.is_finite() && eta >= 0.0).then_some(eta)
+    });
+    per_pd(sink, &PD_PENDING, &|p| Some(p.pending as f64));
+    per_pd(sink, &PD_UNACKED, &|p| Some(p.unacked as f64));
+
+    // Devices.
+    let per_dev =
+        |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Device) -> Option<f64>| {
+            sink.family(def);
+            for d in &devs {
+                if let Some(v) = f(d.d) {
+                    sink.sample(&[d.name, &d.volume, &d.minor], None, v);
+                }
+            }
+        };
+    if view.enums {
+        sink.family(&DEV_STATE);
+        for d in &devs {
+            one_hot(
+                sink,
+                &[d.name, &d.volume, &d.minor],
+                DiskState::KNOWN,
+                &d.d.disk,
+                DiskState::as_str,
+            );
+        }
+    }
+    per_dev(sink, &DEV_CLIENT, &|d| tri(d.client));
+    per_dev(sink, &DEV_UNINTENTIONALDISKLESS, &|d| {
+        if d.disk != DiskState::Diskless {
+            Some(0.0)
+        } else {
+            tri(d.client).map(|c| 1.0 - c)
+        }
+    });
+    per_dev(sink, &DEV_QUORUM, &|d| tri(d.quorum));
+    per_dev(sink, &DEV_OPEN, &|d| tri(d.open));
+    per_dev(sink, &DEV_SIZE, &|d| Some(d.size as f64 * KIB));
+    per_dev(sink, &DEV_READ, &|d| Some(d.read as f64 * KIB));
+    per_dev(sink, &DEV_WRITTEN, &|d| Some(d.written as f64 * KIB));
+    per_dev(sink, &DEV_ALWRITES, &|d| Some(d.al_writes as f64));
+    per_dev(sink, &DEV_BMWRITES, &|d| Some(d.bm_writes as f64));
+    per_dev(sink, &DEV_UPPERPENDING, &|d| Some(d.upper_pending as f64));
+    per_dev(sink, &DEV_LOWERPENDING, &|d| Some(d.lower_pending as f64));
+    per_dev(sink, &DEV_ALSUSPENDED, &|d| tri(d.al_suspended));
+    sink.family(&DEV_BLOCKED);
+    for d in &devs {
+        let labels = [d.name, d.volume.as_str(), d.minor.as_str()];
+        for what in ["upper", "lower"] {
+            sink.sample(&labels, Some(what), flag(blocked_has(&d.d.blocked, what)));
+        }
+    }
+
+    // Paths.
+    sink.family(&PATH_ESTABLISHED);
+    for p in &paths {
+        if let Some(v) = tri(p.p.established) {
+            let c = &conns[p.conn];
+            sink.sample(
+                &[c.name, &c.c.conn_name, &c.peer, &p.p.local, &p.p.peer],
+                None,
+                v,
+            );
+        }
+    }
+}
+
+/// Writes the text exposition format (0.0.4).
+pub struct TextSink<'a> {
+    out: &'a mut String,
+    current: Option<&'static FamilyDef>,
+    header_done: bool,
+}
+
+impl<'a> TextSink<'a> {
+    pub fn new(out: &'a mut String) -> TextSink<'a> {
+        TextSink {
+            out,
+            current: None,
+            header_done: true,
+        }
+    }
+}
+
+fn push_escaped(out: &mut String, s: &str, quote: bool) {
+    if !s
+        .bytes()
+        .any(|b| b == b'\\' || b == b'\n' || (quote && b == b'"'))
+    {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Formats a value exactly like the `prometheus` crate's text encoder (Rust's `f64` display), with a fast
+/// path for integers.
+pub fn push_value(out: &mut String, v: f64) {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+impl Sink for TextSink<'_> {
+    fn family(&mut self, def: &'static FamilyDef) {
+        self.current = Some(def);
+        self.header_done = false;
+    }
+
+    fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
+        let Some(def) = self.current else { return };
+        let out = &mut *self.out;
+        if !self.header_done {
+            self.header_done = true;
+            out.push_str("# HELP ");
+            out.push_str(def.name);
+            out.push(' ');
+            push_escaped(out, def.help, false);
+            out.push_str("\n# TYPE ");
+            out.push_str(def.name);
+            out.push(' ');
+            out.push_str(def.kind.as_str());
+            out.push('\n');
+        }
+        out.push_str(def.name);
+        let values = labels.iter().copied().chain(extra);
+        let mut sep = '{';
+        for (n, v) in def.labels.iter().zip(values) {
+            out.push(sep);
+            out.push_str(n);
+            out.push_str("=\"");
+            push_escaped(out, v, true);
+            out.push('"');
+            sep = ',';
+        }
+        if sep == ',' {
+            out.push('}');
+        }
+        out.push(' ');
+        push_value(out, value);
+        out.push('\n');
+    }
+}
+
+/// Builds `prometheus` crate metric families.
+#[derive(Default)]
+pub struct ProtoSink {
+    families: Vec<proto::MetricFamily>,
+    current: Option<&'static FamilyDef>,
+}
+
+impl ProtoSink {
+    /// The families that got at least one sample.
+    pub fn finish(self) -> Vec<proto::MetricFamily> {
+        self.families
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect()
+    }
+}
+
+impl Sink for ProtoSink {
+    fn family(&mut self, def: &'static FamilyDef) {
+        self.current = Some(def);
+        let mut f = proto::MetricFamily::default();
+        f.set_name(def.name.to_string());
+        f.set_help(def.help.to_string());
+        f.set_field_type(match def.kind {
+            Kind::Gauge => proto::MetricType::GAUGE,
+            Kind::Counter => proto::MetricType::COUNTER,
+        });
+        self.families.push(f);
+    }
+
+    fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
+        let (Some(def), Some(f)) = (self.current, self.families.last_mut()) else {
+            return;
+        };
+        let pairs = def
+            .labels
+            .iter()
+            .zip(labels.iter().copied().chain(extra))
+            .map(|(n, v)| {
+                let mut lp = proto::LabelPair::default();
+                lp.set_name(n.to_string());
+                lp.set_value(v.to_string());
+                lp
+            })
+            .collect();
+        let mut m = proto::Metric::from_label(pairs);
+        match def.kind {
+            Kind::Gauge => {
+                let mut g = proto::Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+            Kind::Counter => {
+                let mut c = proto::Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+        }
+        f.mut_metric().push(m);
+    }
+}
+
+/// The text exposition of `view`.
+pub fn to_text(view: &View) -> String {
+    // About 7 KB per resource of 2 volumes and 2 peers, 30 KB with the enum families.
+    let per_resource = if view.enums { 30_000 } else { 7_000 };
+    let mut out = String::with_capacity(1024 + view.resources.len() * per_resource);
+    render(view, &mut TextSink::new(&mut out));
+    out
+}
+
+/// The metric families of `view`, as the `prometheus` crate models them.
+pub fn to_families(view: &View) -> Vec<proto::MetricFamily> {
+    let mut sink = ProtoSink::default();
+    render(view, &mut sink);
+    sink.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_codes() {
+        let out = "DRBDADM_BUILDTAG=GIT-hash:\\ abc\nDRBDADM_API_VERSION=2\nDRBD_KERNEL_VERSION_CODE=0x09020c\nDRBD_KERNEL_VERSION=9.2.12\nDRBDADM_VERSION_CODE=0x091e00\nDRBDADM_VERSION=9.30.0\n";
+        let v = DrbdVersion::parse(out);
+        assert_eq!(v.kmod, (9, 2, 12));
+        assert_eq!(v.utils, (9, 30, 0));
+        assert_eq!(DrbdVersion::parse(""), DrbdVersion::default());
+        let v = DrbdVersion::parse("DRBD_KERNEL_VERSION_CODE=0xzz\nDRBDADM_VERSION_CODE=0x091c01");
+        assert_eq!(v.kmod, (0, 0, 0));
+        assert_eq!(v.utils, (9, 28, 1));
+    }
+
+    #[test]
+    fn family_names_are_unique_and_labels_valid() {
+        let mut names: Vec<_> = FAMILIES.iter().map(|f| f.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len());
+        for f in FAMILIES {
+            assert!(f.name.starts_with("drbd"), "{}", f.name);
+            if f.enums_only {
+                assert_eq!(f.labels.last(), Some(&f.name), "state label of {}", f.name);
+            }
+        }
+    }
+
+    #[test]
+    fn values_format_like_the_crate() {
+        for v in [0.0, 1.0, 1024.0, 0.375, 12.5, 1e15, 123456789012.0] {
+            let mut s = String::new();
+            push_value(&mut s, v);
+            assert_eq!(s, v.to_string());
+        }
+    }
+
+    #[test]
+    fn escaping() {
+        let mut s = String::new();
+        push_escaped(&mut s, "a\"b\\c\nd", true);
+        assert_eq!(s, "a\\\"b\\\\c\\nd");
+    }
+}
