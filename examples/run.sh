@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the agent on the example policies (examples/policies) without Kubernetes and without DRBD:
+# Runs the agent on the example policies (examples/policies: debugger, Prometheus exporter, a UMH rule
+# logging quorum loss) without Kubernetes and without DRBD:
 # drbdsetup is replaced by the simulator replaying examples/streams/demo.events2 (node n1 of a 3-node
 # cluster whose peer n3 crashes and comes back). Watch the debugger's JSON lines in the log, and
 #   curl -s localhost:9942/status    curl -s localhost:9942/metrics
@@ -12,4 +13,5 @@ exec target/release/drbd-reactor agent \
     --node-name n1 \
     --drbdsetup "target/release/drbd-sim --replay examples/streams/demo.events2" \
     --statistics-interval 5 \
+    --umh-script-dir "$(mktemp -d)/umh" \
     "$@"
