@@ -8,7 +8,8 @@
 //! - RSS after the dump and at several points of a long stream (must stay flat), and the peak.
 //!
 //! Env: BENCH_LINES (default 4 000 000) sets the end-to-end stream length, BENCH_CORE_LINES (500 000) the
-//! core one; BENCH_PART=core|e2e runs one part only.
+//! core one; BENCH_PART=core|e2e runs one part only; BENCH_HOLD=0 makes the every-event subscriber drop
+//! the states it receives instead of keeping the latest per resource.
 
 use drbd_reactor::drbd::events2::parse_line;
 use drbd_reactor::engine::runtime::{self, Health, RuntimeConfig, SourceMsg};
@@ -197,6 +198,9 @@ impl Plugin for Counter {
         _ctx: PluginCtx,
     ) -> BoxFuture<'static, Result<(), PluginError>> {
         async move {
+            let hold = std::env::var("BENCH_HOLD")
+                .map(|v| v != "0")
+                .unwrap_or(true);
             let mut latest = HashMap::new();
             while let Some(d) = inbox.recv().await {
                 match d {
@@ -206,7 +210,8 @@ impl Plugin for Counter {
                     Delivery::Resources(rs) => {
                         for (k, v) in rs {
                             match v {
-                                Some(v) => latest.insert(k, v),
+                                Some(v) if hold => latest.insert(k, v),
+                                Some(_) => None,
                                 None => latest.remove(&k),
                             };
                         }
