@@ -3,6 +3,7 @@
 pub mod events2;
 pub mod state;
 pub mod types;
+pub mod vecmap;
 
 pub use events2::{parse_line, Body, Event, Line, Object, ParseError, Verb};
 pub use types::*;

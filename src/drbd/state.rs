@@ -6,8 +6,8 @@
 
 use super::events2::*;
 use super::types::*;
+use super::vecmap::VecMap;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -20,8 +20,8 @@ pub struct Resource {
     pub write_ordering: Option<WriteOrdering>,
     pub may_promote: Tri,
     pub promotion_score: u32,
-    pub devices: BTreeMap<u32, Device>,
-    pub connections: BTreeMap<u32, Connection>,
+    pub devices: VecMap<Device>,
+    pub connections: VecMap<Connection>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<(String, String)>,
 }
@@ -66,7 +66,7 @@ pub struct Connection {
     pub ap_in_flight: u64,
     /// Sectors (512 B).
     pub rs_in_flight: u64,
-    pub peer_devices: BTreeMap<u32, PeerDevice>,
+    pub peer_devices: VecMap<PeerDevice>,
     pub paths: Vec<Path>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<(String, String)>,

@@ -306,11 +306,9 @@ impl State {
         }
         self.seen(|| ObjKey::Device(name.clone(), f.volume));
         let (r, _) = self.res_mut(&name);
-        let mut created = false;
-        let d = r.devices.entry(f.volume).or_insert_with(|| {
-            created = true;
-            Device::new(f.volume)
-        });
+        let (d, created) = r
+            .devices
+            .get_or_insert_with(f.volume, || Device::new(f.volume));
         let old = if created {
             DeviceState::default()
         } else {
@@ -346,11 +344,9 @@ impl State {
         }
         self.seen(|| ObjKey::Connection(name.clone(), peer));
         let (r, _) = self.res_mut(&name);
-        let mut created = false;
-        let c = r.connections.entry(peer).or_insert_with(|| {
-            created = true;
-            Connection::new(peer)
-        });
+        let (c, created) = r
+            .connections
+            .get_or_insert_with(peer, || Connection::new(peer));
         let old = if created {
             ConnectionState::default()
         } else {
@@ -394,13 +390,15 @@ impl State {
     }
 
     fn conn_mut<'s>(r: &'s mut Resource, peer: u32, conn_name: Option<&str>) -> &'s mut Connection {
-        r.connections.entry(peer).or_insert_with(|| {
-            let mut c = Connection::new(peer);
-            if let Some(n) = conn_name {
-                c.conn_name = n.to_string();
-            }
-            c
-        })
+        r.connections
+            .get_or_insert_with(peer, || {
+                let mut c = Connection::new(peer);
+                if let Some(n) = conn_name {
+                    c.conn_name = n.to_string();
+                }
+                c
+            })
+            .0
     }
 
     fn apply_peer_device(
@@ -418,11 +416,9 @@ impl State {
         self.seen(|| ObjKey::PeerDevice(name.clone(), peer, f.volume));
         let (r, _) = self.res_mut(&name);
         let c = Self::conn_mut(r, peer, f.conn_name);
-        let mut created = false;
-        let p = c.peer_devices.entry(f.volume).or_insert_with(|| {
-            created = true;
-            PeerDevice::new(f.volume)
-        });
+        let (p, created) = c
+            .peer_devices
+            .get_or_insert_with(f.volume, || PeerDevice::new(f.volume));
         let old = if created {
             PeerDeviceState::default()
         } else {
