@@ -1,5 +1,8 @@
 //! The agent binary end to end in file mode, with `drbd-sim --replay` standing in for drbdsetup.
 
+mod common;
+
+use common::{free_port, wait_until};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,14 +11,6 @@ use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_drbd-reactor");
 const SIM: &str = env!("CARGO_BIN_EXE_drbd-sim");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Agent {
     child: Child,
@@ -74,17 +69,12 @@ impl Agent {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Agent) -> bool) {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !wait_until(timeout, || f(self)) {
+            panic!(
+                "timed out waiting for {what}; stderr:\n{}",
+                self.stderr.lock().unwrap().join("\n")
+            );
         }
-        panic!(
-            "timed out waiting for {what}; stderr:\n{}",
-            self.stderr.lock().unwrap().join("\n")
-        );
     }
 
     fn metric(&self, name: &str) -> Option<f64> {

@@ -6,6 +6,9 @@
 //! The promtool tests need `promtool` (Debian package `prometheus`). Without it they are skipped with a
 //! loud message, unless `CI` is set: then they fail.
 
+mod common;
+
+use common::tool_or_skip;
 use drbd_reactor::engine::Engine;
 use drbd_reactor::plugins::prometheus::render::{self, DrbdVersion, View, FAMILIES};
 use std::io::Write;
@@ -309,29 +312,6 @@ fn label_values_are_escaped() {
 }
 
 // ---- promtool ----
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tool, or `None` (after a loud message) when it is missing outside CI. In CI a missing tool fails.
-fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
-    match find_tool(name) {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => panic!(
-            "{test}: `{name}` not found on PATH and CI is set: install it (apt-get install -y --no-install-recommends prometheus)"
-        ),
-        None => {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED {test}: `{name}` not found on PATH (apt-get install -y --no-install-recommends prometheus) !!!!!!!!\n"
-            );
-            None
-        }
-    }
-}
 
 /// Lint findings promtool reports on purpose: upstream drbd-reactor types these two families as counters
 /// without the `_total` suffix, and dashboards depend on their names.

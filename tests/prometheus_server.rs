@@ -7,32 +7,13 @@
 //! Needs `prometheus` and `promtool` (Debian package `prometheus`). Without them the test is skipped with
 //! a loud message, unless `CI` is set: then it fails.
 
+mod common;
+
+use common::{free_port, tool_or_skip};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
-    match find_tool(name) {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => panic!(
-            "{test}: `{name}` not found on PATH and CI is set: install it (apt-get install -y --no-install-recommends prometheus)"
-        ),
-        None => {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED {test}: `{name}` not found on PATH (apt-get install -y --no-install-recommends prometheus) !!!!!!!!\n"
-            );
-            None
-        }
-    }
-}
 
 /// A child process killed (and reaped) when the guard goes away, also when the test panics.
 struct Proc {
@@ -68,13 +49,6 @@ impl Drop for Proc {
             eprintln!("--- last lines of {} ---\n{}", self.name, self.log_tail());
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) -> String {

@@ -2,6 +2,9 @@
 //! kind fire on their transitions only, a hostile resource name runs nothing, an edited script reloads
 //! only its instance, and runs are counted in `/metrics`.
 
+mod common;
+
+use common::{free_port, wait_until};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,11 +22,7 @@ struct Agent {
 
 impl Agent {
     fn start(policy_dir: &Path, script: &Path, private: &Path) -> Agent {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut child = Command::new(AGENT)
             .arg("agent")
             .arg("--policy-dir")
@@ -65,17 +64,12 @@ impl Agent {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Agent) -> bool) {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !wait_until(timeout, || f(self)) {
+            panic!(
+                "timed out waiting for {what}; stderr:\n{}",
+                self.stderr.lock().unwrap().join("\n")
+            );
         }
-        panic!(
-            "timed out waiting for {what}; stderr:\n{}",
-            self.stderr.lock().unwrap().join("\n")
-        );
     }
 
     /// `drbdreactor_umh_runs_total` of a rule and result.

@@ -1,4 +1,5 @@
-//! Shared test helpers: a deterministic generator of valid events2 streams.
+//! Shared test helpers: a deterministic generator of valid events2 streams, free ports, polling, and
+//! the external tools (promtool, prometheus) the tests use.
 #![allow(dead_code)]
 
 /// xorshift64*: deterministic, seedable, no dependency.
@@ -211,6 +212,49 @@ impl StreamGen {
                     self.tick % 97
                 )]
             }
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The tool, or `None` (after a loud message) when it is missing outside CI. In CI a missing tool fails.
+pub fn tool_or_skip(name: &str, test: &str) -> Option<std::path::PathBuf> {
+    match find_tool(name) {
+        Some(p) => Some(p),
+        None if std::env::var_os("CI").is_some() => panic!(
+            "{test}: `{name}` not found on PATH and CI is set: install it (apt-get install -y --no-install-recommends prometheus)"
+        ),
+        None => {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED {test}: `{name}` not found on PATH (apt-get install -y --no-install-recommends prometheus) !!!!!!!!\n"
+            );
+            None
         }
     }
 }
