@@ -66,6 +66,9 @@ struct F {
 
 impl PluginFactory for F {
     fn build(&self, spec: &InstanceSpec) -> Result<Box<dyn Plugin>, PluginError> {
+        if let Some(why) = spec.config["fail"].as_str() {
+            return Err(PluginError::Config(why.to_string()));
+        }
         let b = match spec.id.policy.as_str() {
             "stall" => Behaviour::Stall,
             "panic" => Behaviour::PanicOnThird,
@@ -236,6 +239,46 @@ async fn panicking_instance_is_restarted_with_a_fresh_replay() {
         (okst.state.clone(), okst.restarts),
         (InstanceState::Running, 0)
     );
+    engine.shutdown().await.unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_instance_reports_its_latest_configuration_error() {
+    let f = Arc::new(F::default());
+    let (_tx, rx) = mpsc::channel(8);
+    let (engine, task) = runtime::spawn(
+        RuntimeConfig::default(),
+        f.clone(),
+        AgentMetrics::new(),
+        Arc::new(Health::default()),
+        rx,
+    );
+    let bad = |why: &str| InstanceSpec {
+        id: InstanceId {
+            policy: "bad".into(),
+            kind: "test".into(),
+        },
+        config: serde_json::json!({ "fail": why }),
+    };
+    for why in ["first mistake", "second mistake"] {
+        let report = engine.apply(vec![bad(why), spec("ok")]).await.unwrap();
+        assert_eq!(report.errors.len(), 1);
+        let snap = engine.snapshot().await.unwrap();
+        let b = snap
+            .instances
+            .iter()
+            .find(|i| i.id.policy == "bad")
+            .unwrap();
+        assert_eq!(b.state, InstanceState::Invalid);
+        assert_eq!(
+            b.last_error.as_deref(),
+            Some(format!("invalid configuration: {why}").as_str())
+        );
+    }
+    // fixed: it starts
+    let report = engine.apply(vec![spec("bad"), spec("ok")]).await.unwrap();
+    assert!(report.errors.is_empty() && report.started.iter().any(|i| i.policy == "bad"));
     engine.shutdown().await.unwrap();
     task.await.unwrap();
 }

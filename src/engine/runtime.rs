@@ -445,7 +445,16 @@ impl Runtime {
                     let msg = e.to_string();
                     tracing::error!(instance = %id, error = %msg, "cannot start plugin instance");
                     report.errors.push((id.clone(), msg.clone()));
-                    if !self.instances.contains_key(&id) {
+                    // An instance that was invalid before shows the latest configuration's error; a
+                    // running one keeps running on its previous configuration.
+                    if let Some(old) = self
+                        .instances
+                        .get_mut(&id)
+                        .filter(|i| i.state == InstanceState::Invalid)
+                    {
+                        old.spec = spec;
+                        old.last_error = Some(msg);
+                    } else if !self.instances.contains_key(&id) {
                         let (outbox, _) = channel(Subscription {
                             changes: false,
                             events: false,
