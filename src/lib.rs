@@ -12,3 +12,4 @@ pub mod plugins;
 pub mod policy;
 pub mod sim;
 pub mod source;
+pub mod systemd;
