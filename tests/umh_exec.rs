@@ -59,6 +59,7 @@ impl Harness {
             node_name: "node-a".into(),
             metrics: metrics.clone(),
             detail: detail.clone(),
+            events: Default::default(),
         };
         let task = tokio::spawn(plugin.run(inbox, ctx));
         Harness {

@@ -68,6 +68,8 @@ pub struct RuntimeConfig {
     /// First restart delay after a failure; doubles per consecutive failure.
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
+    /// Where plugin instances publish notable actions (Kubernetes Events in Kubernetes mode).
+    pub events: crate::plugins::EventSink,
 }
 
 impl Default for RuntimeConfig {
@@ -78,6 +80,7 @@ impl Default for RuntimeConfig {
             stop_timeout: Duration::from_secs(8),
             restart_backoff: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(60),
+            events: crate::plugins::EventSink::default(),
         }
     }
 }
@@ -532,6 +535,7 @@ impl Runtime {
             node_name: self.cfg.node_name.clone(),
             metrics: self.metrics.clone(),
             detail: detail.clone(),
+            events: self.cfg.events.clone(),
         };
         let exit_tx = self.exit_tx.clone();
         let id = spec.id.clone();

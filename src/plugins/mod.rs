@@ -68,6 +68,62 @@ pub struct PluginCtx {
     pub node_name: String,
     pub metrics: AgentMetrics,
     pub detail: DetailHandle,
+    pub events: EventSink,
+}
+
+impl PluginCtx {
+    /// Publishes a notable action of this instance (see [`EventSink`]).
+    pub fn event(&self, warning: bool, reason: &str, message: impl Into<String>) {
+        self.events.emit(PluginEvent {
+            instance: self.id.clone(),
+            warning,
+            reason: reason.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A notable action of a plugin instance: promote, stop, failure, escalation, invalid configuration.
+/// Logged in every mode; in Kubernetes mode also recorded as an Event on the instance's policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginEvent {
+    pub instance: InstanceId,
+    /// Kubernetes Event type: `Warning` when true, `Normal` otherwise.
+    pub warning: bool,
+    /// A short CamelCase reason, e.g. `Promoted`, `StartFailed`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// Where plugin events go besides the log. The default sink only logs.
+#[derive(Clone, Default)]
+pub struct EventSink(Option<tokio::sync::mpsc::UnboundedSender<PluginEvent>>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EventSink(channel)"
+        } else {
+            "EventSink(log)"
+        })
+    }
+}
+
+impl EventSink {
+    pub fn new(tx: tokio::sync::mpsc::UnboundedSender<PluginEvent>) -> EventSink {
+        EventSink(Some(tx))
+    }
+
+    pub fn emit(&self, ev: PluginEvent) {
+        if ev.warning {
+            tracing::warn!(instance = %ev.instance, reason = %ev.reason, "{}", ev.message);
+        } else {
+            tracing::info!(instance = %ev.instance, reason = %ev.reason, "{}", ev.message);
+        }
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(ev);
+        }
+    }
 }
 
 /// Lets a plugin publish a JSON explanation of what it is doing, shown under its entry in `/status`.

@@ -485,6 +485,7 @@ mod tests {
             node_name: "n".into(),
             metrics: AgentMetrics::new(),
             detail: DetailHandle::default(),
+            events: Default::default(),
         };
         let task = tokio::spawn(Box::new(p).run(inbox, ctx.clone()));
         outbox.post(&[res("r1", Role::Primary), res("r2", Role::Primary)]);
