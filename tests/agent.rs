@@ -2,113 +2,12 @@
 
 mod common;
 
-use common::{free_port, wait_until};
-use std::io::{BufRead, BufReader};
+use common::agent::{collect, Agent, AGENT};
+use common::free_port;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_drbd-reactor");
-const SIM: &str = env!("CARGO_BIN_EXE_drbd-sim");
-
-struct Agent {
-    child: Child,
-    port: u16,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(r: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            l.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-impl Agent {
-    fn start(policy_dir: &Path, script: &Path, extra: &[&str]) -> Agent {
-        let port = free_port();
-        let mut child = Command::new(AGENT)
-            .arg("agent")
-            .arg("--policy-dir")
-            .arg(policy_dir)
-            .arg("--drbdsetup")
-            .arg(format!("{SIM} --replay {}", script.display()))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        Agent {
-            child,
-            port,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        match reqwest::blocking::get(format!("http://127.0.0.1:{}{path}", self.port)) {
-            Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get("/status").1).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Agent) -> bool) {
-        if !wait_until(timeout, || f(self)) {
-            panic!(
-                "timed out waiting for {what}; stderr:\n{}",
-                self.stderr.lock().unwrap().join("\n")
-            );
-        }
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let body = self.get("/metrics").1;
-        body.lines()
-            .find(|l| l.split(' ').next() == Some(name))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()
-    }
-
-    fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (s, t.elapsed());
-            }
-            if t.elapsed() > Duration::from_secs(15) {
-                let _ = self.child.kill();
-                panic!("agent did not exit after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write(p: &Path, s: &str) {
     let tmp = p.with_extension("tmp");

@@ -104,7 +104,7 @@ pub struct HttpState {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ResourceSummary {
+pub struct ResourceSummary {
     name: String,
     role: String,
     may_promote: String,
@@ -115,7 +115,8 @@ struct ResourceSummary {
     peers: Vec<String>,
 }
 
-fn summary(r: &crate::drbd::state::Resource) -> ResourceSummary {
+/// The one-object summary of a resource shown under `resources` in `/status`.
+pub fn summary(r: &crate::drbd::state::Resource) -> ResourceSummary {
     ResourceSummary {
         name: r.name.clone(),
         role: r.role.to_string(),

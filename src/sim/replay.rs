@@ -8,6 +8,7 @@
 //! - `#@raw TEXT`      print TEXT without a newline (a line cut off mid-way when followed by `#@exit`)
 //! - `#@hex HEX`       print raw bytes (e.g. invalid UTF-8), no newline added
 //! - `#@repeat N`      the next line is printed N times
+//! - `#@long N TEXT`   print one line of N bytes: TEXT repeated, cut to N, then a newline (oversized lines)
 //!
 //! After the script, a `--poll` reader keeps the process alive until stdin closes; otherwise it exits 0.
 //! With `--now` only the lines up to and including `exists -` are printed.
@@ -71,6 +72,16 @@ pub fn parse_script(file: &str, text: &str) -> Result<Vec<Step>, ReplayError> {
                         .map(|j| u8::from_str_radix(&a[j..j + 2], 16))
                         .collect::<Result<Vec<u8>, _>>()
                         .map_err(|_| err(format!("bad hex '{a}'")))?;
+                    steps.push(Step::Raw(bytes));
+                }
+                "long" => {
+                    let (n, text) = arg.trim().split_once(' ').unwrap_or((arg.trim(), "x"));
+                    let n: usize = n.parse().map_err(|_| err(format!("bad long '{arg}'")))?;
+                    if text.is_empty() {
+                        return Err(err("long needs a non-empty TEXT".into()));
+                    }
+                    let mut bytes: Vec<u8> = text.bytes().cycle().take(n).collect();
+                    bytes.push(b'\n');
                     steps.push(Step::Raw(bytes));
                 }
                 "repeat" => {

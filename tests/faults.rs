@@ -1,0 +1,362 @@
+//! Fault injection against the agent binary: drbdsetup killed mid-stream, mid-line and during the initial
+//! dump; garbage, a 1 MiB line and invalid UTF-8 on its output; the policy directory flapping; the HTTP
+//! port already taken. Each test states what must hold afterwards and checks it.
+//!
+//! drbdsetup is played by `drbd-sim`: the cluster simulator (ground truth: `events2 --now` on the same
+//! node) or its replay mode (scripted output, including broken output).
+
+mod common;
+
+use common::agent::{Agent, SIM};
+use common::{free_port, wait_until, Rng};
+use drbd_reactor::engine::Engine;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn sim(cluster: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(SIM)
+        .arg("--cluster")
+        .arg(cluster)
+        .args(args)
+        .output()
+        .expect("drbd-sim runs")
+}
+
+fn ctl(cluster: &Path, args: &[&str]) {
+    let mut a = vec!["ctl"];
+    a.extend_from_slice(args);
+    let out = sim(cluster, &a);
+    assert!(out.status.success(), "ctl {args:?}: {out:?}");
+}
+
+fn write(p: &Path, s: &str) {
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, s).unwrap();
+    std::fs::rename(tmp, p).unwrap();
+}
+
+fn debugger_policy(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    write(
+        &dir.join("debug.yaml"),
+        "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata:\n  name: debug\nspec:\n  debugger:\n    output: log\n",
+    );
+}
+
+/// The pids of the agent's direct children (its drbdsetup).
+fn children(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// What `/status` shows for a node's resources, computed from the simulator's own dump of that node.
+fn truth(cluster: &Path, node: &str) -> serde_json::Value {
+    let out = sim(cluster, &["--node", node, "events2", "--now", "--full"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut engine = Engine::new();
+    let mut updates = Vec::new();
+    engine.apply_chunk(&out.stdout, &mut updates);
+    let summaries: Vec<_> = engine
+        .state
+        .snapshot()
+        .iter()
+        .map(|r| drbd_reactor::http::summary(r))
+        .collect();
+    serde_json::to_value(summaries).unwrap()
+}
+
+fn sorted_resources(v: &serde_json::Value) -> serde_json::Value {
+    let mut a = v.as_array().cloned().unwrap_or_default();
+    a.sort_by_key(|r| r["name"].as_str().unwrap_or_default().to_string());
+    serde_json::Value::Array(a)
+}
+
+#[test]
+fn drbdsetup_killed_at_random_points_converges_to_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("cluster");
+    ctl(&c, &["init"]);
+    ctl(&c, &["create", "r0", "--nodes", "n1,n2,n3"]);
+    ctl(
+        &c,
+        &[
+            "create",
+            "r1",
+            "--nodes",
+            "n1,n2,n3",
+            "--volumes",
+            "2",
+            "--minor",
+            "1010",
+        ],
+    );
+    let pol = dir.path().join("policies");
+    debugger_policy(&pol);
+    let agent = Agent::spawn(
+        &pol,
+        &format!("{SIM} --cluster {} --node n1", c.display()),
+        &[],
+    );
+    agent.wait_for("ready", Duration::from_secs(20), |a| {
+        a.get("/readyz").0 == 200
+    });
+    let ops: &[&[&str]] = &[
+        &["primary", "n1", "r0"],
+        &["secondary", "n1", "r0"],
+        &["primary", "n2", "r1"],
+        &["secondary", "n2", "r1"],
+        &["cut", "n1", "n2"],
+        &["heal", "n1", "n2"],
+        &["node-down", "n3"],
+        &["node-up", "n3"],
+        &["detach", "n1", "r1", "--volume", "1"],
+        &["attach", "n1", "r1", "--volume", "1"],
+        &["write", "n2", "r1", "4096"],
+    ];
+    let mut rng = Rng::new(0x5eed);
+    let mut kills = 0;
+    for _ in 0..60 {
+        let op = rng.pick(ops);
+        let mut a = vec!["ctl"];
+        a.extend_from_slice(op);
+        let _ = sim(&c, &a); // refusals (e.g. a second Primary) are part of the game
+        if rng.chance(15) && kills < 6 {
+            for pid in children(agent.child.id()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kills += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(60)));
+    }
+    assert!(
+        kills >= 2,
+        "the scenario killed drbdsetup only {kills} times"
+    );
+    let want = sorted_resources(&truth(&c, "n1"));
+    let ok = wait_until(Duration::from_secs(60), || {
+        sorted_resources(&agent.status()["resources"]) == want
+    });
+    assert!(
+        ok,
+        "agent's state does not converge:\nagent: {:#}\ntruth: {want:#}",
+        sorted_resources(&agent.status()["resources"])
+    );
+    assert!(
+        agent
+            .metric("drbdreactor_drbdsetup_restarts_total")
+            .unwrap()
+            >= kills as f64
+    );
+    agent.wait_for("ready after the kills", Duration::from_secs(30), |a| {
+        a.get("/readyz").0 == 200
+    });
+    // The plugin instance survived every restart of drbdsetup.
+    assert_eq!(agent.status()["plugins"][0]["restarts"], 0);
+}
+
+/// A real dump to start from: the LINSTOR resource of the 2019 sample, without its `exists -`.
+fn dump() -> (String, String) {
+    let base = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/events2/drbdtop_events2-timestamps-statistics-k8s-2019.txt"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = base
+        .lines()
+        .filter(|l| l.contains("exists") && !l.starts_with('#') && !l.ends_with("exists -"))
+        .collect();
+    let name = lines[0]
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("name:"))
+        .unwrap()
+        .to_string();
+    (lines.join("\n") + "\n", name)
+}
+
+#[test]
+fn garbage_a_huge_line_and_invalid_utf8_are_counted_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    debugger_policy(&pol);
+    let (dump, name) = dump();
+    let script = dir.path().join("stream.txt");
+    write(
+        &script,
+        &format!(
+            "{dump}exists -\n\
+             this is not events2 at all\n\
+             #@long 1048576 change resource name:{name} role:Primary \n\
+             #@hex 6368616e6765207265736f75726365206e616d653affff20726f6c653a5072696d6172790a\n\
+             change resource name:{name} role:Primary\n"
+        ),
+    );
+    let agent = Agent::start(&pol, &script, &[]);
+    agent.wait_for(
+        "the valid change after the garbage",
+        Duration::from_secs(20),
+        |a| a.status()["resources"][0]["role"] == "Primary",
+    );
+    // garbage, the oversized line and the invalid UTF-8 line: three, each counted once
+    assert_eq!(
+        agent.metric("drbdreactor_events2_malformed_lines_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        agent.metric("drbdreactor_drbdsetup_restarts_total"),
+        Some(0.0)
+    );
+    assert_eq!(agent.get("/readyz").0, 200);
+    let log = agent.stderr.lock().unwrap().join("\n");
+    assert!(
+        log.contains("this is not events2 at all"),
+        "the line is logged"
+    );
+    // the 1 MiB line is neither kept nor logged whole
+    assert!(log.len() < 512 * 1024, "log holds {} bytes", log.len());
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(rss_kib < 64 * 1024, "peak RSS {rss_kib} KiB");
+}
+
+#[test]
+fn drbdsetup_killed_during_the_initial_dump_is_not_ready_until_a_complete_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    debugger_policy(&pol);
+    let (dump, name) = dump();
+    let script = dir.path().join("stream.txt");
+    // half a dump, a resource cut off mid-line, then death
+    let half: String = dump.lines().take(2).map(|l| format!("{l}\n")).collect();
+    write(
+        &script,
+        &format!("{half}exists resource name:half role:Secondary\n#@sleep 3000\n#@raw exists resource name:cut\n#@exit 137\n"),
+    );
+    let agent = Agent::start(&pol, &script, &[]);
+    agent.wait_for("the partial dump", Duration::from_secs(20), |a| {
+        a.status()["resources"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2)
+    });
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 503, "ready before the dump completed: {body}");
+    // the next drbdsetup prints a complete dump without `half`
+    write(&script, &format!("{dump}exists -\n"));
+    agent.wait_for("ready", Duration::from_secs(30), |a| {
+        a.get("/readyz").0 == 200
+    });
+    let st = agent.status();
+    let names: Vec<&str> = st["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec![name.as_str()], "what vanished is gone");
+    assert!(
+        agent
+            .metric("drbdreactor_drbdsetup_restarts_total")
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        agent
+            .metric("drbdreactor_events2_malformed_lines_total")
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[test]
+fn a_flapping_policy_directory_keeps_the_instances_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    debugger_policy(&pol);
+    let (dump, _) = dump();
+    let script = dir.path().join("stream.txt");
+    write(&script, &format!("{dump}exists -\n"));
+    let agent = Agent::start(&pol, &script, &["--policy-poll-interval", "1"]);
+    agent.wait_for("ready", Duration::from_secs(20), |a| {
+        a.get("/readyz").0 == 200
+    });
+    let gone = dir.path().join("policies.gone");
+    for i in 0..6 {
+        if i % 2 == 0 {
+            // the directory disappears for a while (an unmounted ConfigMap volume, a careless rm -r)
+            std::fs::rename(&pol, &gone).unwrap();
+            std::thread::sleep(Duration::from_millis(1300));
+            std::fs::rename(&gone, &pol).unwrap();
+        } else {
+            // the file is replaced by garbage for a while
+            let good = std::fs::read_to_string(pol.join("debug.yaml")).unwrap();
+            write(&pol.join("debug.yaml"), "spec: [this is: not a policy");
+            std::thread::sleep(Duration::from_millis(1300));
+            write(&pol.join("debug.yaml"), &good);
+        }
+    }
+    agent.wait_for("the invalid file noticed", Duration::from_secs(10), |a| {
+        a.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("rejected policy file"))
+    });
+    let st = agent.status();
+    let plugins = st["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 1, "{st:#}");
+    assert_eq!(plugins[0]["state"], "running");
+    assert_eq!(
+        plugins[0]["restarts"], 0,
+        "the instance was never restarted"
+    );
+    let log = agent.stderr.lock().unwrap().join("\n");
+    assert!(
+        log.contains("keeping the policies in force"),
+        "the missing directory is reported"
+    );
+    assert_eq!(agent.get("/readyz").0, 200);
+}
+
+#[test]
+fn a_taken_http_port_is_reported_and_retried_not_silently_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    debugger_policy(&pol);
+    let (dump, _) = dump();
+    let script = dir.path().join("stream.txt");
+    write(&script, &format!("{dump}exists -\n"));
+    let port = free_port();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::spawn_on(
+        &pol,
+        &format!("{SIM} --replay {}", script.display()),
+        port,
+        &[],
+    );
+    agent.wait_for("the bind error", Duration::from_secs(20), |a| {
+        a.stderr.lock().unwrap().iter().any(|l| {
+            l.contains(&format!("cannot listen on {listen}")) && l.contains("NOT available")
+        })
+    });
+    // nothing answers on the port the agent was asked to serve: probes fail, the pod is not ready
+    assert_ne!(agent.get("/readyz").0, 200);
+    drop(squatter);
+    agent.wait_for(
+        "serving once the port is free",
+        Duration::from_secs(40),
+        |a| a.get("/readyz").0 == 200,
+    );
+    assert!(agent.metric("drbdreactor_events2_lines_total").unwrap() > 0.0);
+}
