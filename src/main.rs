@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Print the ReactorPolicy CustomResourceDefinition as YAML (the copy in crds/ must match it:
     /// `cargo run -- crd > crds/reactorpolicies.reactor.drbd.io.yaml`).
     Crd,
@@ -208,6 +208,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Agent(a) => {
+            let a = *a;
             init_logging(a.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -205,21 +205,27 @@ impl K8sMetrics {
     }
 }
 
-/// Reachability of the API server as the watches see it.
+/// Reachability of the API server. A watch error marks it unreachable. A watch that reconnects
+/// without news says nothing, so while unreachable a probe (a LIST of one policy) marks it reachable again;
+/// a watch that still fails marks it unreachable again at its next retry.
 struct ApiState {
     health: Arc<Health>,
     metrics: K8sMetrics,
-    /// Per watched resource: did its last item succeed?
-    ok: Mutex<BTreeMap<&'static str, bool>>,
 }
 
 impl ApiState {
+    fn set(&self, reachable: bool) {
+        let was = !self
+            .health
+            .kubernetes_api_unreachable
+            .swap(!reachable, Ordering::Relaxed);
+        if reachable && !was {
+            tracing::info!("Kubernetes API reachable again");
+        }
+        self.metrics.api_up.set(reachable as i64);
+    }
+
     fn report(&self, resource: &'static str, ok: bool, err: Option<&watcher::Error>) {
-        let mut g = self.ok.lock().unwrap_or_else(|e| e.into_inner());
-        let was = g.values().all(|v| *v);
-        g.insert(resource, ok);
-        let now = g.values().all(|v| *v);
-        drop(g);
         if let Some(e) = err {
             self.metrics
                 .watch_errors
@@ -227,15 +233,34 @@ impl ApiState {
                 .inc();
             tracing::warn!(resource, error = %e, "Kubernetes watch failed; retrying with backoff, the last applied policies keep running");
         }
-        if was != now {
-            if now {
-                tracing::info!("Kubernetes API reachable again");
+        if !ok {
+            self.set(false);
+        } else if self
+            .health
+            .kubernetes_api_unreachable
+            .load(Ordering::Relaxed)
+        {
+            self.set(true);
+        }
+    }
+
+    /// While unreachable, probes every `every`.
+    async fn probe(self: Arc<Self>, client: Client, every: Duration) {
+        let api: Api<ReactorPolicy> = Api::all(client);
+        loop {
+            tokio::time::sleep(every).await;
+            if self
+                .health
+                .kubernetes_api_unreachable
+                .load(Ordering::Relaxed)
+                && api
+                    .list_metadata(&kube::api::ListParams::default().limit(1))
+                    .await
+                    .is_ok()
+            {
+                self.set(true);
             }
         }
-        self.health
-            .kubernetes_api_unreachable
-            .store(!now, Ordering::Relaxed);
-        self.metrics.api_up.set(now as i64);
     }
 }
 
@@ -569,14 +594,25 @@ impl Agent {
             } else if !self.written.contains_key(&name) {
                 self.written.insert(name.clone(), desired.clone());
             }
-            // status.plugins: the same value from every agent, under one shared field manager.
-            let plugins = status::plugins_summary(&p.spec);
-            let shown = p.status.as_ref().and_then(|s| s.plugins.clone());
-            if node_present && shown.as_deref() != Some(plugins.as_str()) {
+            // Summary fields: every agent computes them from the same data and writes them under one
+            // shared field manager (no conflicts between managers), with the resourceVersion it computed
+            // them from as precondition (a count from an outdated view is refused, and recomputed later).
+            let nodes = p
+                .status
+                .as_ref()
+                .map(|s| s.nodes.clone())
+                .unwrap_or_default();
+            let (plugins, applied, degraded) = status::summary(&p.spec, &nodes);
+            let shown = p
+                .status
+                .as_ref()
+                .map(|s| (s.plugins.clone(), s.applied_nodes, s.degraded_nodes));
+            let want = (Some(plugins.clone()), Some(applied), Some(degraded));
+            if node_present && shown.as_ref() != Some(&want) {
                 let body = serde_json::json!({
                     "apiVersion": API_VERSION, "kind": KIND,
-                    "metadata": {"name": name},
-                    "status": {"plugins": plugins},
+                    "metadata": {"name": name, "resourceVersion": p.resource_version()},
+                    "status": {"plugins": plugins, "appliedNodes": applied, "degradedNodes": degraded},
                 });
                 if let Err(e) = api
                     .patch_status(
@@ -586,7 +622,7 @@ impl Agent {
                     )
                     .await
                 {
-                    tracing::debug!(policy = %name, error = %e, "cannot write status.plugins");
+                    tracing::debug!(policy = %name, error = %e, "summary not written (recomputed on the next round)");
                 }
             }
         }
@@ -700,8 +736,13 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let api_state = Arc::new(ApiState {
         health: health.clone(),
         metrics: k8s_metrics.clone(),
-        ok: Mutex::new(BTreeMap::new()),
     });
+    api_state.set(true);
+    let t5 = tokio::spawn(
+        api_state
+            .clone()
+            .probe(client.clone(), Duration::from_secs(2)),
+    );
     let wake = Arc::new(Notify::new());
     let triggers = Arc::new(Mutex::new(Triggers::default()));
     let t = triggers.clone();
@@ -808,7 +849,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
         }
     };
     tracing::info!("shutting down: stopping plugins");
-    for t in [t1, t2, t3, t4] {
+    for t in [t1, t2, t3, t4, t5] {
         t.abort();
     }
     let r = engine.shutdown().await;
@@ -830,13 +871,13 @@ mod tests {
         p.metadata.uid = Some("u".into());
         p.metadata.generation = Some(generation);
         p.status = Some(crate::policy::ReactorPolicyStatus {
-            plugins: None,
             nodes: (0..status_nodes)
                 .map(|i| NodeStatus {
                     node: format!("n{i}"),
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         });
         p
     }

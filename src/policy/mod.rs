@@ -31,8 +31,8 @@ pub const KIND: &str = "ReactorPolicy";
     category = "drbd",
     status = "ReactorPolicyStatus",
     printcolumn = r#"{"name":"Plugins","type":"string","jsonPath":".status.plugins","description":"Plugin sections of the spec"}"#,
-    printcolumn = r#"{"name":"Applied","type":"string","jsonPath":".status.nodes[?(@.state==\"Applied\")].node","description":"Nodes running the policy as asked"}"#,
-    printcolumn = r#"{"name":"Degraded","type":"string","jsonPath":".status.nodes[?(@.state!=\"Applied\")].node","description":"Nodes where the policy is degraded or not applied (see status.nodes[].conditions)"}"#,
+    printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedNodes","description":"Nodes running the policy as asked"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.degradedNodes","description":"Nodes where the policy is degraded or not applied (see status.nodes[].conditions)"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -23,6 +23,13 @@ pub struct ReactorPolicyStatus {
     /// same value from the spec and writes it under the one shared field manager `drbd-reactor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins: Option<String>,
+    /// Entries in `nodes` whose state is `Applied` (for `kubectl get`; written like `plugins`, with the
+    /// object's resourceVersion as precondition, so a count from an outdated view is never written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_nodes: Option<i64>,
+    /// Entries in `nodes` whose state is not `Applied` (`Degraded` or `NotApplied`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_nodes: Option<i64>,
     /// One entry per node the policy applies to, keyed by node name; each written by that node's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
@@ -105,6 +112,12 @@ pub fn promoter_resources(detail: Option<&serde_json::Value>) -> Vec<ResourceSta
             })
         })
         .collect()
+}
+
+/// The summary fields (`plugins`, `appliedNodes`, `degradedNodes`) as they should be for a policy.
+pub fn summary(spec: &super::ReactorPolicySpec, nodes: &[NodeStatus]) -> (String, i64, i64) {
+    let applied = nodes.iter().filter(|n| n.state == STATE_APPLIED).count() as i64;
+    (plugins_summary(spec), applied, nodes.len() as i64 - applied)
 }
 
 /// The plugin sections a spec sets, in a fixed order (`debugger,prometheus,umh`); `none` for none.
