@@ -77,6 +77,9 @@ struct AgentArgs {
     /// Kubernetes mode: seconds between checks of this node's status entries (written when they changed).
     #[arg(long, env = "STATUS_INTERVAL", default_value_t = 2)]
     status_interval: u64,
+    /// Kubernetes mode: seconds between sweeps that remove status entries of deleted Nodes.
+    #[arg(long, env = "STALE_ENTRY_SWEEP_INTERVAL", default_value_t = 300)]
+    stale_entry_sweep_interval: u64,
     /// This node's labels for policy nodeSelectors in file mode, as `key=value,key=value`.
     #[arg(long, env = "NODE_LABELS", default_value = "")]
     node_labels: String,
@@ -194,6 +197,7 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
         },
         debounce: Duration::from_millis(a.debounce_ms),
         status_interval: Duration::from_secs(a.status_interval.max(1)),
+        stale_sweep_interval: Duration::from_secs(a.stale_entry_sweep_interval.max(1)),
     };
     tracing::info!(node = %opts.node_name, namespace = %opts.namespace, drbdsetup = ?opts.drbdsetup, "starting drbd-reactor agent in Kubernetes mode");
     drbd_reactor::k8s::run(opts).await?;

@@ -56,6 +56,9 @@ pub struct K8sOptions {
     pub debounce: Duration,
     /// How often the status entries are compared with what runs (and written when they differ).
     pub status_interval: Duration,
+    /// How often entries of nodes that no longer exist (an agent that went away with its Node) are
+    /// removed from the policies' status.
+    pub stale_sweep_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -632,6 +635,71 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Removes entries of Nodes that no longer exist (their agent cannot). Any agent may do it; a JSON
+    /// patch that first tests the entry's node name at its index makes concurrent sweeps harmless.
+    async fn sweep_stale_entries(&self) {
+        let me = &self.opts.node_name;
+        let others: BTreeSet<String> = self
+            .policies
+            .state()
+            .iter()
+            .filter_map(|p| p.status.as_ref())
+            .flat_map(|s| s.nodes.iter().map(|n| n.node.clone()))
+            .filter(|n| n != me)
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let alive: BTreeSet<String> = match nodes.list_metadata(&Default::default()).await {
+            Ok(l) => l.items.iter().map(|n| n.name_any()).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list Nodes for the stale-entry sweep");
+                return;
+            }
+        };
+        let api: Api<ReactorPolicy> = Api::all(self.client.clone());
+        for p in self.policies.state() {
+            let Some(st) = &p.status else { continue };
+            let ops = stale_entry_ops(&st.nodes, &alive);
+            if ops.is_empty() {
+                continue;
+            }
+            let patch: Result<Patch<()>, _> =
+                serde_json::from_value(serde_json::Value::Array(ops)).map(Patch::Json);
+            let Ok(patch) = patch else { continue };
+            match api
+                .patch_status(&p.name_any(), &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(policy = %p.name_any(), "removed status entries of deleted Nodes")
+                }
+                Err(e) => {
+                    tracing::debug!(policy = %p.name_any(), error = %e, "stale-entry sweep raced; retried later")
+                }
+            }
+        }
+    }
+}
+
+/// JSON patch operations removing the entries of nodes not in `alive`, each guarded by a test of the
+/// node name at its index, highest index first (so earlier removals do not shift later ones).
+pub fn stale_entry_ops(nodes: &[NodeStatus], alive: &BTreeSet<String>) -> Vec<serde_json::Value> {
+    let mut ops = Vec::new();
+    for (i, n) in nodes.iter().enumerate().rev() {
+        if !alive.contains(&n.node) {
+            let path = format!("/status/nodes/{i}");
+            ops.push(
+                serde_json::json!({"op": "test", "path": format!("{path}/node"), "value": n.node}),
+            );
+            ops.push(serde_json::json!({"op": "remove", "path": path}));
+        }
+    }
+    ops
+}
+
 async fn publish(
     recorder: &Recorder,
     m: &K8sMetrics,
@@ -811,6 +879,8 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let mut ready = false;
     let mut due: Option<tokio::time::Instant> = None;
     let mut status_tick = tokio::time::interval(opts.status_interval);
+    let mut sweep_tick = tokio::time::interval(opts.stale_sweep_interval);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
@@ -828,6 +898,12 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
                     if let Err(e) = agent.update_status().await {
                         break Err(e);
                     }
+                }
+                continue;
+            }
+            _ = sweep_tick.tick() => {
+                if ready {
+                    agent.sweep_stale_entries().await;
                 }
                 continue;
             }
@@ -915,6 +991,33 @@ mod tests {
         assert!(!t.config_map(&watcher::Event::Apply(c.clone())));
         c.data = Some([("k".to_string(), "v".to_string())].into());
         assert!(t.config_map(&watcher::Event::Apply(c.clone())));
+    }
+
+    #[test]
+    fn stale_entries_are_removed_from_the_end_with_guards() {
+        let nodes: Vec<NodeStatus> = ["a", "gone1", "b", "gone2"]
+            .iter()
+            .map(|n| NodeStatus {
+                node: n.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let alive: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let ops = stale_entry_ops(&nodes, &alive);
+        assert_eq!(
+            ops,
+            vec![
+                serde_json::json!({"op": "test", "path": "/status/nodes/3/node", "value": "gone2"}),
+                serde_json::json!({"op": "remove", "path": "/status/nodes/3"}),
+                serde_json::json!({"op": "test", "path": "/status/nodes/1/node", "value": "gone1"}),
+                serde_json::json!({"op": "remove", "path": "/status/nodes/1"}),
+            ]
+        );
+        let all: BTreeSet<String> = ["a", "b", "gone1", "gone2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(stale_entry_ops(&nodes, &all).is_empty());
     }
 
     #[test]
