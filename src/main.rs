@@ -181,7 +181,8 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
     let node_name = match a.node_name {
         Some(n) if !n.is_empty() => n,
         _ => bail!(
-            "Kubernetes mode needs --node-name (or NODE_NAME from the downward API spec.nodeName)"
+            "Kubernetes mode (no --policy-dir) needs --node-name (or NODE_NAME from the downward \
+             API spec.nodeName); for policy files run `drbd-reactor agent --policy-dir DIR`"
         ),
     };
     let opts = drbd_reactor::k8s::K8sOptions {
