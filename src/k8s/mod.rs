@@ -144,6 +144,7 @@ impl Triggers {
 #[derive(Clone)]
 struct K8sMetrics {
     api_up: IntGauge,
+    recomputes: prometheus::IntCounter,
     watch_errors: IntCounterVec,
     status_writes: IntCounterVec,
     events: IntCounterVec,
@@ -154,6 +155,11 @@ impl K8sMetrics {
         let api_up = IntGauge::new(
             "drbdreactor_kubernetes_api_up",
             "Whether the agent's watches on the Kubernetes API server are working (0 = unreachable; the last applied policies keep running)",
+        )
+        .expect("valid metric");
+        let recomputes = prometheus::IntCounter::new(
+            "drbdreactor_kubernetes_recomputes_total",
+            "Times the plugin set was recomputed after a change of policies (new generation), the Node's labels or ConfigMaps",
         )
         .expect("valid metric");
         let watch_errors = IntCounterVec::new(
@@ -193,6 +199,7 @@ impl K8sMetrics {
         }
         for c in [
             Box::new(api_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(recomputes.clone()),
             Box::new(watch_errors.clone()),
             Box::new(status_writes.clone()),
             Box::new(events.clone()),
@@ -201,6 +208,7 @@ impl K8sMetrics {
         }
         K8sMetrics {
             api_up,
+            recomputes,
             watch_errors,
             status_writes,
             events,
@@ -375,6 +383,7 @@ impl Agent {
                 .find(|c| c.name_any() == name && c.namespace().as_deref() == Some(ns.as_str()))
                 .map(|c| c.data.clone().unwrap_or_default())
         };
+        self.k8s_metrics.recomputes.inc();
         let (plan, good) = node::plan(
             &policies,
             &labels,
@@ -700,6 +709,44 @@ pub fn stale_entry_ops(nodes: &[NodeStatus], alive: &BTreeSet<String>) -> Vec<se
     ops
 }
 
+/// The Kubernetes Event for a notable action: the node leads the note; reason, action and note are cut
+/// to the API's limits (128 characters, 1 kB).
+pub fn k8s_event(node: &str, warning: bool, reason: &str, message: &str) -> KEvent {
+    let note: String = format!("node {node}: {message}")
+        .chars()
+        .take(1000)
+        .collect();
+    let reason: String = reason.chars().take(128).collect();
+    KEvent {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        action: reason.clone(),
+        reason,
+        note: Some(note),
+        secondary: None,
+    }
+}
+
+/// The Event for a plugin instance's action, and the policy it is attached to.
+pub fn plugin_event(
+    node: &str,
+    ev: &PluginEvent,
+    policies: &[Arc<ReactorPolicy>],
+) -> (KEvent, ObjectReference) {
+    let r = match policies
+        .iter()
+        .find(|p| policy_name(p) == ev.instance.policy)
+    {
+        Some(p) => policy_ref(p),
+        None => ReactorPolicy::new(&ev.instance.policy, Default::default()).object_ref(&()),
+    };
+    let msg = format!("{}: {}", ev.instance.kind, ev.message);
+    (k8s_event(node, ev.warning, &ev.reason, &msg), r)
+}
+
 async fn publish(
     recorder: &Recorder,
     m: &K8sMetrics,
@@ -709,24 +756,15 @@ async fn publish(
     message: &str,
     r: &ObjectReference,
 ) {
-    let note = format!("node {node}: {message}");
-    let note: String = note.chars().take(1000).collect();
-    let ev = KEvent {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.chars().take(128).collect(),
-        note: Some(note),
-        action: reason.chars().take(128).collect(),
-        secondary: None,
-    };
-    match recorder.publish(&ev, r).await {
+    send(recorder, m, &k8s_event(node, warning, reason, message), r).await;
+}
+
+async fn send(recorder: &Recorder, m: &K8sMetrics, ev: &KEvent, r: &ObjectReference) {
+    match recorder.publish(ev, r).await {
         Ok(()) => m.events.with_label_values(&["ok"]).inc(),
         Err(e) => {
             m.events.with_label_values(&["error"]).inc();
-            tracing::warn!(error = %e, reason, "cannot record the Kubernetes Event");
+            tracing::warn!(error = %e, reason = %ev.reason, "cannot record the Kubernetes Event");
         }
     }
 }
@@ -740,16 +778,8 @@ async fn forward_plugin_events(
     node: String,
 ) {
     while let Some(ev) = rx.recv().await {
-        let r = match policies
-            .state()
-            .iter()
-            .find(|p| policy_name(p) == ev.instance.policy)
-        {
-            Some(p) => policy_ref(p),
-            None => ReactorPolicy::new(&ev.instance.policy, Default::default()).object_ref(&()),
-        };
-        let msg = format!("{}: {}", ev.instance.kind, ev.message);
-        publish(&recorder, &m, &node, ev.warning, &ev.reason, &msg, &r).await;
+        let (e, r) = plugin_event(&node, &ev, &policies.state());
+        send(&recorder, &m, &e, &r).await;
     }
 }
 
@@ -1018,6 +1048,37 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert!(stale_entry_ops(&nodes, &all).is_empty());
+    }
+
+    #[test]
+    fn plugin_events_name_the_node_and_attach_to_the_policy() {
+        let mut p = ReactorPolicy::new("ha", Default::default());
+        p.metadata.uid = Some("uid-1".into());
+        let ev = PluginEvent {
+            instance: crate::plugins::InstanceId {
+                policy: "ha".into(),
+                kind: "promoter".into(),
+            },
+            warning: true,
+            reason: "StartFailed".into(),
+            message: "r0: mount failed".into(),
+        };
+        let (e, r) = plugin_event("n7", &ev, &[Arc::new(p)]);
+        assert_eq!(e.type_, EventType::Warning);
+        assert_eq!(e.reason, "StartFailed");
+        assert_eq!(
+            e.note.as_deref(),
+            Some("node n7: promoter: r0: mount failed")
+        );
+        assert_eq!(
+            (r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()),
+            (Some("ReactorPolicy"), Some("ha"), Some("uid-1"))
+        );
+        assert_eq!(r.namespace, None);
+        let long = k8s_event("n", false, &"R".repeat(300), &"x".repeat(5000));
+        assert_eq!(long.type_, EventType::Normal);
+        assert_eq!(long.reason.len(), 128);
+        assert_eq!(long.note.unwrap().len(), 1000);
     }
 
     #[test]
