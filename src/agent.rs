@@ -205,7 +205,7 @@ async fn sync_policies(
     Ok(())
 }
 
-async fn serve_http(
+pub(crate) async fn serve_http(
     addr: ListenAddr,
     st: HttpState,
     health: Arc<Health>,

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod drbd;
 pub mod engine;
 pub mod http;
+pub mod k8s;
 pub mod metrics;
 pub mod plugins;
 pub mod policy;

@@ -29,7 +29,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
+    /// Print the ReactorPolicy CustomResourceDefinition as YAML (the copy in crds/ must match it:
+    /// `cargo run -- crd > crds/reactorpolicies.reactor.drbd.io.yaml`).
+    Crd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,9 +62,24 @@ struct AgentArgs {
     /// Private directory (created with mode 0700) UMH scripts are written to and run from.
     #[arg(long, env = "UMH_SCRIPT_DIR", default_value = drbd_reactor::plugins::umh::DEFAULT_SCRIPT_DIR)]
     umh_script_dir: PathBuf,
-    /// This node's name (default: the host name).
+    /// This node's name (default: the host name). In Kubernetes mode the name of the Node object (downward
+    /// API `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Kubernetes mode: the agent's own namespace (downward API `metadata.namespace`); UMH ConfigMap
+    /// scripts are read from it only.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "drbd-reactor")]
+    namespace: String,
+    /// Kubernetes mode: quiet time in milliseconds after a change of policies, the Node's labels or
+    /// ConfigMaps before the plugin set is recomputed.
+    #[arg(long, env = "DEBOUNCE_MS", default_value_t = 200)]
+    debounce_ms: u64,
+    /// Kubernetes mode: seconds between checks of this node's status entries (written when they changed).
+    #[arg(long, env = "STATUS_INTERVAL", default_value_t = 2)]
+    status_interval: u64,
+    /// Kubernetes mode: seconds between sweeps that remove status entries of deleted Nodes.
+    #[arg(long, env = "STALE_ENTRY_SWEEP_INTERVAL", default_value_t = 300)]
+    stale_entry_sweep_interval: u64,
     /// This node's labels for policy nodeSelectors in file mode, as `key=value,key=value`.
     #[arg(long, env = "NODE_LABELS", default_value = "")]
     node_labels: String,
@@ -109,11 +127,8 @@ fn hostname() -> String {
 }
 
 async fn agent_main(a: AgentArgs) -> Result<()> {
-    let Some(policy_dir) = a.policy_dir else {
-        bail!(
-            "Kubernetes mode is not available in this version: run `drbd-reactor agent --policy-dir DIR` \
-             with ReactorPolicy YAML files in DIR (see examples/)"
-        );
+    let Some(policy_dir) = a.policy_dir.clone() else {
+        return k8s_main(a).await;
     };
     if !policy_dir.is_dir() {
         bail!("--policy-dir {}: not a directory", policy_dir.display());
@@ -147,10 +162,58 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
+/// Kubernetes mode: policies from ReactorPolicy objects (in-cluster configuration or KUBECONFIG).
+async fn k8s_main(a: AgentArgs) -> Result<()> {
+    let drbdsetup = shlex::split(&a.drbdsetup).context("--drbdsetup: unbalanced quotes")?;
+    if drbdsetup.is_empty() {
+        bail!("--drbdsetup is empty");
+    }
+    let drbdadm = shlex::split(&a.drbdadm).context("--drbdadm: unbalanced quotes")?;
+    let host_exec = shlex::split(&a.host_exec).context("--host-exec: unbalanced quotes")?;
+    if a.statistics_interval == 0 {
+        bail!("--statistics-interval must be at least 1 second");
+    }
+    if !a.node_labels.trim().is_empty() {
+        bail!(
+            "--node-labels is for --policy-dir mode; in Kubernetes mode the Node's labels are used"
+        );
+    }
+    let node_name = match a.node_name {
+        Some(n) if !n.is_empty() => n,
+        _ => bail!(
+            "Kubernetes mode (no --policy-dir) needs --node-name (or NODE_NAME from the downward \
+             API spec.nodeName); for policy files run `drbd-reactor agent --policy-dir DIR`"
+        ),
+    };
+    let opts = drbd_reactor::k8s::K8sOptions {
+        drbdsetup,
+        drbdadm,
+        node_name,
+        namespace: a.namespace,
+        statistics_interval: Duration::from_secs(a.statistics_interval),
+        listen: a.listen.parse()?,
+        umh: drbd_reactor::plugins::umh::UmhOptions {
+            script_dir: a.umh_script_dir,
+            host_exec,
+        },
+        debounce: Duration::from_millis(a.debounce_ms),
+        status_interval: Duration::from_secs(a.status_interval.max(1)),
+        stale_sweep_interval: Duration::from_secs(a.stale_entry_sweep_interval.max(1)),
+    };
+    tracing::info!(node = %opts.node_name, namespace = %opts.namespace, drbdsetup = ?opts.drbdsetup, "starting drbd-reactor agent in Kubernetes mode");
+    drbd_reactor::k8s::run(opts).await?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Crd => {
+            print!("{}", drbd_reactor::policy::crd_yaml());
+            Ok(())
+        }
         Command::Agent(a) => {
+            let a = *a;
             init_logging(a.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

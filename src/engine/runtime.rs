@@ -48,6 +48,8 @@ pub struct Health {
     pub initial_dump_complete: AtomicBool,
     pub policies_loaded: AtomicBool,
     pub http_bound: AtomicBool,
+    /// Kubernetes mode: the API server cannot be reached (the last applied policies keep running).
+    pub kubernetes_api_unreachable: AtomicBool,
 }
 
 impl Health {
@@ -55,6 +57,7 @@ impl Health {
         self.source_up.load(Ordering::Relaxed)
             && self.initial_dump_complete.load(Ordering::Relaxed)
             && self.policies_loaded.load(Ordering::Relaxed)
+            && !self.kubernetes_api_unreachable.load(Ordering::Relaxed)
     }
 }
 

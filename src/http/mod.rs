@@ -174,6 +174,11 @@ pub fn routes(
         if !h.policies_loaded.load(Ordering::Relaxed) {
             why.push("policies not loaded");
         }
+        if h.kubernetes_api_unreachable.load(Ordering::Relaxed) {
+            why.push(
+                "Kubernetes API unreachable (retrying; the last applied policies keep running)",
+            );
+        }
         if why.is_empty() {
             text(StatusCode::OK, "ready\n")
         } else {

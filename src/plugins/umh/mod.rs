@@ -105,7 +105,8 @@ pub fn validate(spec: &UmhSpec) -> Result<(), UmhError> {
     rules::compile(spec).map(|_| ())
 }
 
-fn scripts_of(spec: &UmhSpec) -> Vec<(String, &spec::ScriptRef)> {
+/// Every script reference of a spec with its field path (`spec.umh.device[0].script`).
+pub fn scripts_of(spec: &UmhSpec) -> Vec<(String, &spec::ScriptRef)> {
     let state = [
         ("resource", &spec.resource),
         ("device", &spec.device),

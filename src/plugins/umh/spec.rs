@@ -2,34 +2,72 @@
 //! which rule kind, is checked when the spec is compiled ([`super::rules::compile`]), with errors that name
 //! the field path.
 
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Schema of a field whose value may take several shapes (a value or a list, a value or `{equals: …}`).
+/// A CRD schema must be structural (one type per node), so these fields are declared as "any value"
+/// (`x-kubernetes-preserve-unknown-fields`) and checked by the agent, which reports errors that name
+/// the field on the policy's status.
+fn any_shape(description: &str) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": description,
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+macro_rules! any_shape_schema {
+    ($t:ty, $name:literal, $desc:literal) => {
+        impl JsonSchema for $t {
+            fn inline_schema() -> bool {
+                true
+            }
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                any_shape($desc)
+            }
+        }
+    };
+}
+
 /// `spec.umh`: rules that run a command or script when DRBD state changes or a kernel helper is called.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new(
+    "(!has(self.resource) || self.resource.all(x, self.resource.exists_one(y, y.name == x.name))) && (!has(self.device) || self.device.all(x, self.device.exists_one(y, y.name == x.name))) && (!has(self.peerDevice) || self.peerDevice.all(x, self.peerDevice.exists_one(y, y.name == x.name))) && (!has(self.connection) || self.connection.all(x, self.connection.exists_one(y, y.name == x.name))) && (!has(self.helper) || self.helper.all(x, self.helper.exists_one(y, y.name == x.name)))"
+).message(Message::Message("rule names must be unique within each list (the agent also checks across lists)".into())))]
 pub struct UmhSpec {
     /// Rules on resource updates (fields: role, mayPromote, promotionScore).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub resource: Vec<StateRule>,
     /// Rules on device (local volume) updates (fields: diskState, client, quorum, open, size).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub device: Vec<StateRule>,
     /// Rules on peer-device updates (fields: replicationState, peerDiskState, peerClient, resyncSuspended).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub peer_device: Vec<StateRule>,
     /// Rules on connection updates (fields: connName, connectionState, peerRole, congested).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub connection: Vec<StateRule>,
     /// Rules on kernel user-mode-helper events (`call helper` / `response helper` lines).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub helper: Vec<HelperRule>,
     /// Runs of this policy's rules executing at the same time (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
     pub max_concurrent: Option<u32>,
     /// Runs waiting for a slot; beyond it new runs are dropped and counted (default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_queued: Option<u32>,
     /// Bytes of stdout and of stderr kept per run for the log (default 4096).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,11 +75,23 @@ pub struct UmhSpec {
 }
 
 /// One value or a list of values (a list means "any of").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
     Many(Vec<T>),
+}
+
+impl<T> JsonSchema for OneOrMany<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "OneOrMany".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        any_shape("One value, or a list of values (any of them).")
+    }
 }
 
 impl<T> OneOrMany<T> {
@@ -54,7 +104,7 @@ impl<T> OneOrMany<T> {
 }
 
 /// A filter value as written: a state name, a boolean (`true`/`false`, or `yes`/`no`/`unknown`) or a number.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Scalar {
     Bool(bool),
@@ -63,12 +113,28 @@ pub enum Scalar {
 }
 
 /// A field filter: a plain value or list (= `equals`), or `{equals: ...}` / `{notEquals: ...}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum FieldFilter {
     Value(OneOrMany<Scalar>),
     Op(OpFilter),
 }
+
+any_shape_schema!(
+    Scalar,
+    "Scalar",
+    "A state name, a boolean (or yes/no/unknown) or a number."
+);
+any_shape_schema!(
+    FieldFilter,
+    "FieldFilter",
+    "A value or a list of values (= equals), or {equals: …} / {notEquals: …}."
+);
+any_shape_schema!(
+    Changed,
+    "Changed",
+    "true: fire only when a filtered field changed; a list of field names: when one of them changed."
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -126,7 +192,7 @@ pub struct StateFilter {
 
 /// The transition guard: `true` = at least one filtered field (or, without old/new filters, any field of
 /// the kind) differs between old and new; a list = at least one of the named fields differs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Changed {
     Flag(bool),
@@ -145,8 +211,14 @@ pub enum Where {
 }
 
 /// A script to run: exactly one of `path` (file mode) or `configMapRef` (Kubernetes mode).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.path) != has(self.configMapRef)").message(Message::Message(
+    "give exactly one of configMapRef (Kubernetes mode) and path (file mode)".into()
+)))]
+#[x_kube(validation = Rule::new("!has(self.path)").message(Message::Message(
+    "script.path is for policy files (drbd-reactor agent --policy-dir); in Kubernetes use configMapRef: {name, key}, a ConfigMap in the agent's namespace".into()
+)))]
 pub struct ScriptRef {
     /// File mode: a path relative to the policy directory (no `..`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,10 +228,20 @@ pub struct ScriptRef {
     pub config_map_ref: Option<ConfigMapRef>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigMapRef {
+    /// Name of the ConfigMap, in the agent's own namespace.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message(Message::Message(
+        "must be a ConfigMap name (lower case letters, digits, '-', '.')".into()
+    )))]
     pub name: String,
+    /// Key in the ConfigMap's `data`.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message(Message::Message(
+        "must be a ConfigMap key (letters, digits, '-', '_', '.')".into()
+    )))]
     pub key: String,
 }
 
@@ -175,10 +257,17 @@ impl ScriptRef {
 }
 
 /// A rule on resource, device, peer-device or connection updates.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.command) != has(self.script)").message(Message::Message(
+    "give exactly one of command (argv, no shell) and script".into()
+)))]
 pub struct StateRule {
     /// Unique within the policy; letters, digits, '.', '_', '-'. Logged and used as the metrics label.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     pub name: String,
     /// DRBD resource name: exact, or a glob (`*`, `?`, `[a-z]`, `[!x]`); a list means any of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,17 +301,26 @@ pub struct StateRule {
     pub location: Where,
     /// Extra environment variables (names must not start with `DRBD_`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
     pub env: BTreeMap<String, String>,
     /// Seconds before the run's process group is killed (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400))]
     pub timeout_seconds: Option<u64>,
 }
 
 /// A rule on kernel user-mode-helper events.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.command) != has(self.script)").message(Message::Message(
+    "give exactly one of command (argv, no shell) and script".into()
+)))]
 pub struct HelperRule {
     /// Unique within the policy; letters, digits, '.', '_', '-'.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     pub name: String,
     /// Helper name (e.g. `before-resync-target`, `fence-peer`), exact or a glob; a list means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,7 +347,9 @@ pub struct HelperRule {
     #[serde(default, rename = "where")]
     pub location: Where,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400))]
     pub timeout_seconds: Option<u64>,
 }
