@@ -2,6 +2,8 @@
 //! the external tools (promtool, prometheus) the tests use.
 #![allow(dead_code)]
 
+pub mod systemd;
+
 /// xorshift64*: deterministic, seedable, no dependency.
 pub struct Rng(u64);
 
