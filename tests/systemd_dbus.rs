@@ -476,3 +476,94 @@ fn teardown_leaves_nothing_behind() {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     assert_ne!(comm.trim(), "systemd", "the namespace's systemd still runs");
 }
+
+/// The bus-side observer the latency benchmark uses sees our StopUnit call, with its unit argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_monitor_sees_the_stop_unit_call() {
+    use futures::StreamExt;
+    let Some(ns) = SystemdNs::boot("a_bus_monitor_sees_the_stop_unit_call") else {
+        return;
+    };
+    ns.write_unit("sleeper.service", SLEEPER);
+    let (_c, mut mon) =
+        common::systemd::bus_monitor(&ns.bus, &["type='method_call',member='StopUnit'"])
+            .await
+            .unwrap();
+    let m = DbusManager::new(&ns.bus, DbusOptions::default()).unwrap();
+    assert_eq!(
+        m.start_unit("sleeper.service").await.unwrap(),
+        JobResult::Done
+    );
+    assert_eq!(
+        m.stop_unit("sleeper.service").await.unwrap(),
+        JobResult::Done
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(msg)) = mon.next().await {
+            let h = msg.header();
+            if h.member().map(|m| m.as_str()) == Some("StopUnit") {
+                let (unit, mode): (String, String) = msg.body().deserialize().unwrap();
+                return Some((unit, mode));
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        seen,
+        Some(("sleeper.service".to_string(), "replace".to_string()))
+    );
+}
+
+/// The agent checks --systemd-bus up front but connects only when a promoter needs systemd: a malformed
+/// address stops it with a message naming the flag; a bus that is not there does not keep it from running.
+#[test]
+fn agent_checks_the_bus_address_but_does_not_need_a_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = env!("CARGO_BIN_EXE_drbd-reactor");
+    let sim = env!("CARGO_BIN_EXE_drbd-sim");
+    let script = dir.path().join("events2.txt");
+    std::fs::write(&script, "exists -\n").unwrap();
+    let base = |bus: &str| {
+        let mut c = std::process::Command::new(agent);
+        c.arg("agent")
+            .arg("--policy-dir")
+            .arg(dir.path())
+            .arg("--drbdsetup")
+            .arg(format!("{sim} --replay {}", script.display()))
+            .arg("--drbdadm")
+            .arg("true")
+            .arg("--systemd-bus")
+            .arg(bus)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let out = base("nonsense:foo=bar")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", common::free_port()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--systemd-bus"), "{err}");
+    assert!(err.contains("nonsense:foo=bar"), "{err}");
+
+    let port = common::free_port();
+    let missing = format!("unix:path={}/no-bus-here", dir.path().display());
+    let mut child = base(&missing)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    let ready = common::wait_until(Duration::from_secs(60), || {
+        reqwest::blocking::get(format!("http://127.0.0.1:{port}/readyz"))
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "the agent did not become ready without a bus");
+}

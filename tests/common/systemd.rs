@@ -193,3 +193,27 @@ impl Drop for SystemdNs {
         }
     }
 }
+
+/// A monitor connection on a bus (`org.freedesktop.DBus.Monitoring.BecomeMonitor`, allowed for root): it
+/// sees a copy of every message matching `rules` as the bus daemon routes it, so a test can observe the
+/// calls a client makes on the bus itself (e.g. `type='method_call',member='StopUnit'`). A monitor must
+/// never send anything afterwards; keep the returned stream and connection only for reading.
+pub async fn bus_monitor(
+    address: &str,
+    rules: &[&str],
+) -> zbus::Result<(zbus::Connection, zbus::MessageStream)> {
+    let conn = zbus::connection::Builder::address(address)
+        .max_queued(std::num::NonZeroUsize::new(65536).unwrap())
+        .build()
+        .await?;
+    let stream = zbus::MessageStream::from(&conn);
+    conn.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus.Monitoring"),
+        "BecomeMonitor",
+        &(rules.to_vec(), 0u32),
+    )
+    .await?;
+    Ok((conn, stream))
+}
