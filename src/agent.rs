@@ -29,6 +29,8 @@ pub struct AgentOptions {
     pub drbdadm: Vec<String>,
     /// UMH scripts' private directory and the `--host-exec` prefix for `where: host`.
     pub umh: crate::plugins::umh::UmhOptions,
+    /// How to reach the host's systemd (promoter); connected lazily, on first use.
+    pub systemd: crate::systemd::SystemdOptions,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,14 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SystemdVia {
+    /// D-Bus through the bus daemon at --systemd-bus.
+    Dbus,
+    /// `systemctl` on the host through --host-exec (hosts without a bus daemon, e.g. kind nodes).
+    Systemctl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -92,6 +100,17 @@ struct AgentArgs {
     /// Seconds between scans of the policy directory (SIGHUP scans at once).
     #[arg(long, env = "POLICY_POLL_INTERVAL", default_value_t = 1)]
     policy_poll_interval: u64,
+    /// D-Bus address of the bus the host's systemd is on (the host's `/run/dbus` mounted into the pod).
+    /// Connected on first use, and again after the bus went away.
+    #[arg(long, env = "SYSTEMD_BUS", default_value = drbd_reactor::systemd::DEFAULT_BUS)]
+    systemd_bus: String,
+    /// How to reach the host's systemd: `dbus` (--systemd-bus), or `systemctl` run through --host-exec,
+    /// for hosts without a bus daemon.
+    #[arg(long, env = "SYSTEMD_VIA", value_enum, default_value_t = SystemdVia::Dbus)]
+    systemd_via: SystemdVia,
+    /// Seconds a systemd start/stop job may take before the agent stops waiting for it.
+    #[arg(long, env = "SYSTEMD_JOB_TIMEOUT", default_value_t = 300)]
+    systemd_job_timeout: u64,
     /// Log format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -143,6 +162,23 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         bail!("--statistics-interval must be at least 1 second");
     }
     let listen: ListenAddr = a.listen.parse()?;
+    if a.systemd_job_timeout == 0 {
+        bail!("--systemd-job-timeout must be at least 1 second");
+    }
+    let systemd = drbd_reactor::systemd::SystemdOptions {
+        via: match a.systemd_via {
+            SystemdVia::Dbus => drbd_reactor::systemd::SystemdVia::Dbus {
+                address: a.systemd_bus.clone(),
+            },
+            SystemdVia::Systemctl => drbd_reactor::systemd::SystemdVia::Systemctl {
+                host_exec: host_exec.clone(),
+                systemctl: "systemctl".to_string(),
+            },
+        },
+        job_timeout: Duration::from_secs(a.systemd_job_timeout),
+    };
+    // Checks the configuration only; nothing is contacted before a promoter needs it.
+    drbd_reactor::systemd::connect(&systemd).context("--systemd-bus")?;
     let opts = AgentOptions {
         policy_dir,
         drbdsetup,
@@ -156,6 +192,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
             script_dir: a.umh_script_dir,
             host_exec,
         },
+        systemd,
     };
     tracing::info!(node = %opts.node_name, drbdsetup = ?opts.drbdsetup, policy_dir = %opts.policy_dir.display(), "starting drbd-reactor agent");
     agent::run(opts).await?;

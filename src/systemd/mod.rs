@@ -84,3 +84,73 @@ pub trait ServiceManager: Send + Sync + 'static {
     fn freeze_unit<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<(), SystemdError>>;
     fn thaw_unit<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<(), SystemdError>>;
 }
+
+pub mod dbus;
+pub mod systemctl;
+
+pub use dbus::{DbusManager, DbusOptions, DEFAULT_BUS};
+pub use systemctl::SystemctlManager;
+
+/// How the agent reaches the host's systemd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemdVia {
+    /// D-Bus through a bus daemon at this address (default: the host's system bus mounted into the pod).
+    Dbus { address: String },
+    /// `systemctl` run through this host-exec prefix (hosts without a bus daemon, e.g. kind nodes).
+    Systemctl {
+        host_exec: Vec<String>,
+        systemctl: String,
+    },
+}
+
+/// The agent's systemd settings (`--systemd-bus`, `--systemd-via`, `--systemd-job-timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemdOptions {
+    pub via: SystemdVia,
+    /// How long start/stop wait for their job.
+    pub job_timeout: std::time::Duration,
+}
+
+impl Default for SystemdOptions {
+    fn default() -> Self {
+        SystemdOptions {
+            via: SystemdVia::Dbus {
+                address: DEFAULT_BUS.to_string(),
+            },
+            job_timeout: DbusOptions::default().job_timeout,
+        }
+    }
+}
+
+/// The service manager `opts` describe. Nothing is contacted here (the D-Bus client connects on its first
+/// call and again after the bus went away), so an agent without promoter policies starts on a host
+/// without a bus; only a malformed configuration is an error.
+pub fn connect(opts: &SystemdOptions) -> Result<std::sync::Arc<dyn ServiceManager>, SystemdError> {
+    let call_timeout = DbusOptions::default().call_timeout;
+    Ok(match &opts.via {
+        SystemdVia::Dbus { address } => std::sync::Arc::new(DbusManager::new(
+            address,
+            DbusOptions {
+                job_timeout: opts.job_timeout,
+                call_timeout,
+            },
+        )?),
+        SystemdVia::Systemctl {
+            host_exec,
+            systemctl,
+        } => {
+            if systemctl.is_empty() {
+                return Err(SystemdError::Connect {
+                    address: "systemctl".into(),
+                    message: "the systemctl command is empty".into(),
+                });
+            }
+            std::sync::Arc::new(SystemctlManager::new(
+                host_exec,
+                systemctl,
+                opts.job_timeout,
+                call_timeout,
+            ))
+        }
+    })
+}
