@@ -29,7 +29,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
+    /// Run an OCF resource agent as a systemd service (what the promoter's OCF units run): `$AGENT
+    /// start`, then `monitor` every `$monitor_interval` s, `stop` on SIGTERM; `stop` for ExecStopPost.
+    OcfWrapper {
+        /// `start-and-monitor` or `stop`.
+        verb: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnitTemplates {
+    /// Install the templates none of /etc/systemd/system, /usr/lib/systemd/system, /lib/systemd/system has.
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +88,25 @@ struct AgentArgs {
     /// Seconds between scans of the policy directory (SIGHUP scans at once).
     #[arg(long, env = "POLICY_POLL_INTERVAL", default_value_t = 1)]
     policy_poll_interval: u64,
+    /// Directory the promoter writes its systemd units and drop-ins to (the host's /run/systemd/system,
+    /// mounted into the pod).
+    #[arg(long, env = "UNIT_DIR", default_value = drbd_reactor::systemd::files::DEFAULT_UNIT_DIR)]
+    unit_dir: PathBuf,
+    /// The drbdsetup command line written into the promoter's units (split like a shell splits words);
+    /// the units run on the host, so this is the host's drbdsetup.
+    #[arg(long, env = "UNITS_DRBDSETUP", default_value = "drbdsetup")]
+    units_drbdsetup: String,
+    /// The `drbd-reactor ocf-wrapper` command line written into OCF units, as the host sees it
+    /// (default: this binary's path and `ocf-wrapper`).
+    #[arg(long, env = "UNITS_OCF_WRAPPER")]
+    units_ocf_wrapper: Option<String>,
+    /// OCF_ROOT for OCF units (agents are OCF_ROOT/resource.d/VENDOR/AGENT on the host).
+    #[arg(long, env = "UNITS_OCF_ROOT", default_value = "/usr/lib/ocf")]
+    units_ocf_root: String,
+    /// Whether the promoter installs the template units (drbd-promote@.service, drbd-services@.target,
+    /// drbd-demote-or-escalate@.service, ocf.rs@.service) into --unit-dir.
+    #[arg(long, env = "UNITS_TEMPLATES", value_enum, default_value_t = UnitTemplates::Auto)]
+    units_templates: UnitTemplates,
     /// Log format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -128,6 +161,43 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         bail!("--statistics-interval must be at least 1 second");
     }
     let listen: ListenAddr = a.listen.parse()?;
+    let units_drbdsetup =
+        shlex::split(&a.units_drbdsetup).context("--units-drbdsetup: unbalanced quotes")?;
+    if units_drbdsetup.is_empty() {
+        bail!("--units-drbdsetup is empty");
+    }
+    let ocf_wrapper = match &a.units_ocf_wrapper {
+        Some(s) => shlex::split(s).context("--units-ocf-wrapper: unbalanced quotes")?,
+        None => vec![
+            std::env::current_exe()
+                .context("cannot find this binary's path for --units-ocf-wrapper")?
+                .display()
+                .to_string(),
+            "ocf-wrapper".to_string(),
+        ],
+    };
+    use drbd_reactor::plugins::promoter::{units::UnitCommands, PromoterOptions, Templates};
+    let promoter = PromoterOptions {
+        // The host's service manager (zbus over --systemd-bus, or the systemctl fallback) goes here;
+        // without one, policies with systemd-runner promoter resources are rejected with an explanation.
+        manager: None,
+        unit_dir: a.unit_dir,
+        units: UnitCommands {
+            drbdsetup: units_drbdsetup,
+            ocf_wrapper,
+            ocf_root: a.units_ocf_root,
+            ..UnitCommands::default()
+        },
+        templates: match a.units_templates {
+            UnitTemplates::Auto => Templates::Auto,
+            UnitTemplates::Always => Templates::Always,
+            UnitTemplates::Never => Templates::Never,
+        },
+        drbdsetup: drbdsetup.clone(),
+        drbdadm: drbdadm.clone(),
+        host_exec: host_exec.clone(),
+        ..PromoterOptions::default()
+    };
     let opts = AgentOptions {
         policy_dir,
         drbdsetup,
@@ -141,6 +211,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
             script_dir: a.umh_script_dir,
             host_exec,
         },
+        promoter,
     };
     tracing::info!(node = %opts.node_name, drbdsetup = ?opts.drbdsetup, policy_dir = %opts.policy_dir.display(), "starting drbd-reactor agent");
     agent::run(opts).await?;
@@ -155,7 +226,10 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(agent_main(a))
+            rt.block_on(agent_main(*a))
+        }
+        Command::OcfWrapper { verb } => {
+            std::process::exit(drbd_reactor::plugins::promoter::ocf::main(&[verb]))
         }
     }
 }
