@@ -29,8 +29,8 @@ pub struct AgentOptions {
     pub drbdadm: Vec<String>,
     /// UMH scripts' private directory and the `--host-exec` prefix for `where: host`.
     pub umh: crate::plugins::umh::UmhOptions,
-    /// How to reach the host's systemd (promoter); connected lazily, on first use.
-    pub systemd: crate::systemd::SystemdOptions,
+    /// Service manager, unit directory and unit commands of promoter instances.
+    pub promoter: crate::plugins::promoter::PromoterOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,9 @@ pub enum AgentError {
 /// Runs the agent in file mode until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let exporter = Arc::new(ExporterHub::new(opts.drbdadm.clone()));
-    let factory = Builtin::new(exporter.clone()).with_umh(opts.umh.clone());
+    let factory = Builtin::new(exporter.clone())
+        .with_umh(opts.umh.clone())
+        .with_promoter(opts.promoter.clone());
     run_with_exporter(opts, Arc::new(factory), exporter).await
 }
 
@@ -135,6 +137,9 @@ pub async fn run_with_exporter(
         }
     }
     tracing::info!("shutting down: stopping plugins");
+    // Promoter instances now exit without a successor: only stopServicesOnExit resources stop, unit
+    // files stay for the next agent.
+    opts.promoter.registry.begin_shutdown();
     let r = engine.shutdown().await;
     let _ = stop_tx.send(true);
     let _ = engine_task.await;
@@ -166,6 +171,10 @@ async fn sync_policies(
     }
     let (policies, problems) = dir.policies();
     let mut desired = desired_instances(&policies, &opts.node_labels);
+    let conflicts = crate::policy::promoter_conflicts(&policies, &opts.node_labels);
+    for c in &conflicts {
+        tracing::warn!(resource = %c.resource, winner = %c.winner, losers = ?c.losers, "{c}");
+    }
     // Scripts are read on every scan: an edited script reloads its UMH instance only.
     crate::plugins::umh::resolve_scripts(&mut desired, &opts.policy_dir);
     let matching = desired
@@ -192,6 +201,11 @@ async fn sync_policies(
             .map(|p| policy_name(p).to_string())
             .collect();
         st.problems = problems;
+        st.problems
+            .extend(conflicts.iter().map(|c| crate::policy::files::FileProblem {
+                file: format!("policy {}", c.losers.join(", ")),
+                error: c.to_string(),
+            }));
     }
     if applied.as_ref() != Some(&desired) {
         let report = engine

@@ -33,6 +33,12 @@ enum Command {
     /// Print the ReactorPolicy CustomResourceDefinition as YAML (the copy in crds/ must match it:
     /// `cargo run -- crd > crds/reactorpolicies.reactor.drbd.io.yaml`).
     Crd,
+    /// Run an OCF resource agent as a systemd service (what the promoter's OCF units run): `$AGENT
+    /// start`, then `monitor` every `$monitor_interval` s, `stop` on SIGTERM; `stop` for ExecStopPost.
+    OcfWrapper {
+        /// `start-and-monitor` or `stop`.
+        verb: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,6 +47,14 @@ enum SystemdVia {
     Dbus,
     /// `systemctl` on the host through --host-exec (hosts without a bus daemon, e.g. kind nodes).
     Systemctl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnitTemplates {
+    /// Install the templates none of /etc/systemd/system, /usr/lib/systemd/system, /lib/systemd/system has.
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,6 +125,25 @@ struct AgentArgs {
     /// Seconds a systemd start/stop job may take before the agent stops waiting for it.
     #[arg(long, env = "SYSTEMD_JOB_TIMEOUT", default_value_t = 300)]
     systemd_job_timeout: u64,
+    /// Directory the promoter writes its systemd units and drop-ins to (the host's /run/systemd/system,
+    /// mounted into the pod).
+    #[arg(long, env = "UNIT_DIR", default_value = drbd_reactor::systemd::files::DEFAULT_UNIT_DIR)]
+    unit_dir: PathBuf,
+    /// The drbdsetup command line written into the promoter's units (split like a shell splits words);
+    /// the units run on the host, so this is the host's drbdsetup.
+    #[arg(long, env = "UNITS_DRBDSETUP", default_value = "drbdsetup")]
+    units_drbdsetup: String,
+    /// The `drbd-reactor ocf-wrapper` command line written into OCF units, as the host sees it
+    /// (default: this binary's path and `ocf-wrapper`).
+    #[arg(long, env = "UNITS_OCF_WRAPPER")]
+    units_ocf_wrapper: Option<String>,
+    /// OCF_ROOT for OCF units (agents are OCF_ROOT/resource.d/VENDOR/AGENT on the host).
+    #[arg(long, env = "UNITS_OCF_ROOT", default_value = "/usr/lib/ocf")]
+    units_ocf_root: String,
+    /// Whether the promoter installs the template units (drbd-promote@.service, drbd-services@.target,
+    /// drbd-demote-or-escalate@.service, ocf.rs@.service) into --unit-dir.
+    #[arg(long, env = "UNITS_TEMPLATES", value_enum, default_value_t = UnitTemplates::Auto)]
+    units_templates: UnitTemplates,
     /// Log format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -162,23 +195,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         bail!("--statistics-interval must be at least 1 second");
     }
     let listen: ListenAddr = a.listen.parse()?;
-    if a.systemd_job_timeout == 0 {
-        bail!("--systemd-job-timeout must be at least 1 second");
-    }
-    let systemd = drbd_reactor::systemd::SystemdOptions {
-        via: match a.systemd_via {
-            SystemdVia::Dbus => drbd_reactor::systemd::SystemdVia::Dbus {
-                address: a.systemd_bus.clone(),
-            },
-            SystemdVia::Systemctl => drbd_reactor::systemd::SystemdVia::Systemctl {
-                host_exec: host_exec.clone(),
-                systemctl: "systemctl".to_string(),
-            },
-        },
-        job_timeout: Duration::from_secs(a.systemd_job_timeout),
-    };
-    // Checks the configuration only; nothing is contacted before a promoter needs it.
-    drbd_reactor::systemd::connect(&systemd).context("--systemd-bus")?;
+    let promoter = promoter_options(&a, &drbdsetup, &drbdadm, &host_exec)?;
     let opts = AgentOptions {
         policy_dir,
         drbdsetup,
@@ -192,11 +209,74 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
             script_dir: a.umh_script_dir,
             host_exec,
         },
-        systemd,
+        promoter,
     };
     tracing::info!(node = %opts.node_name, drbdsetup = ?opts.drbdsetup, policy_dir = %opts.policy_dir.display(), "starting drbd-reactor agent");
     agent::run(opts).await?;
     Ok(())
+}
+
+/// The promoter's options, shared by file mode and Kubernetes mode.
+fn promoter_options(
+    a: &AgentArgs,
+    drbdsetup: &[String],
+    drbdadm: &[String],
+    host_exec: &[String],
+) -> Result<drbd_reactor::plugins::promoter::PromoterOptions> {
+    if a.systemd_job_timeout == 0 {
+        bail!("--systemd-job-timeout must be at least 1 second");
+    }
+    let systemd = drbd_reactor::systemd::SystemdOptions {
+        via: match a.systemd_via {
+            SystemdVia::Dbus => drbd_reactor::systemd::SystemdVia::Dbus {
+                address: a.systemd_bus.clone(),
+            },
+            SystemdVia::Systemctl => drbd_reactor::systemd::SystemdVia::Systemctl {
+                host_exec: host_exec.to_vec(),
+                systemctl: "systemctl".to_string(),
+            },
+        },
+        job_timeout: Duration::from_secs(a.systemd_job_timeout),
+    };
+    // Checks the configuration only; nothing is contacted before a promoter needs it.
+    let manager = drbd_reactor::systemd::connect(&systemd).context("--systemd-bus")?;
+    let units_drbdsetup =
+        shlex::split(&a.units_drbdsetup).context("--units-drbdsetup: unbalanced quotes")?;
+    if units_drbdsetup.is_empty() {
+        bail!("--units-drbdsetup is empty");
+    }
+    let ocf_wrapper = match &a.units_ocf_wrapper {
+        Some(s) => shlex::split(s).context("--units-ocf-wrapper: unbalanced quotes")?,
+        None => vec![
+            std::env::current_exe()
+                .context("cannot find this binary's path for --units-ocf-wrapper")?
+                .display()
+                .to_string(),
+            "ocf-wrapper".to_string(),
+        ],
+    };
+    use drbd_reactor::plugins::promoter::{units::UnitCommands, PromoterOptions, Templates};
+    Ok(PromoterOptions {
+        // The host's service manager: zbus over --systemd-bus, or the systemctl fallback; connected on
+        // first use.
+        manager: Some(manager),
+        unit_dir: a.unit_dir.clone(),
+        units: UnitCommands {
+            drbdsetup: units_drbdsetup,
+            ocf_wrapper,
+            ocf_root: a.units_ocf_root.clone(),
+            ..UnitCommands::default()
+        },
+        templates: match a.units_templates {
+            UnitTemplates::Auto => Templates::Auto,
+            UnitTemplates::Always => Templates::Always,
+            UnitTemplates::Never => Templates::Never,
+        },
+        drbdsetup: drbdsetup.to_vec(),
+        drbdadm: drbdadm.to_vec(),
+        host_exec: host_exec.to_vec(),
+        ..PromoterOptions::default()
+    })
 }
 
 /// Kubernetes mode: policies from ReactorPolicy objects (in-cluster configuration or KUBECONFIG).
@@ -215,6 +295,7 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
             "--node-labels is for --policy-dir mode; in Kubernetes mode the Node's labels are used"
         );
     }
+    let promoter = promoter_options(&a, &drbdsetup, &drbdadm, &host_exec)?;
     let node_name = match a.node_name {
         Some(n) if !n.is_empty() => n,
         _ => bail!(
@@ -236,6 +317,7 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
         debounce: Duration::from_millis(a.debounce_ms),
         status_interval: Duration::from_secs(a.status_interval.max(1)),
         stale_sweep_interval: Duration::from_secs(a.stale_entry_sweep_interval.max(1)),
+        promoter,
     };
     tracing::info!(node = %opts.node_name, namespace = %opts.namespace, drbdsetup = ?opts.drbdsetup, "starting drbd-reactor agent in Kubernetes mode");
     drbd_reactor::k8s::run(opts).await?;
@@ -250,12 +332,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Agent(a) => {
-            let a = *a;
             init_logging(a.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(agent_main(a))
+            rt.block_on(agent_main(*a))
+        }
+        Command::OcfWrapper { verb } => {
+            std::process::exit(drbd_reactor::plugins::promoter::ocf::main(&[verb]))
         }
     }
 }

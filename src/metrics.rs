@@ -23,6 +23,7 @@ pub struct AgentMetrics {
     pub umh_runs: IntCounterVec,
     pub umh_duration: HistogramVec,
     pub promoter_actions: IntCounterVec,
+    pub promoter_state: IntGaugeVec,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -117,6 +118,11 @@ impl AgentMetrics {
                 "drbdreactor_promoter_actions_total",
                 "Promoter actions by DRBD resource, action and result",
                 &["resource", "action", "result"],
+            ),
+            promoter_state: gauge_vec(
+                "drbdreactor_promoter_resource_state",
+                "1 for the state a promoted DRBD resource is in on this node (active, standby, blocked, disabled, evicted), 0 for the others",
+                &["resource", "state"],
             ),
             registry: r,
         }

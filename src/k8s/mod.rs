@@ -59,6 +59,8 @@ pub struct K8sOptions {
     /// How often entries of nodes that no longer exist (an agent that went away with its Node) are
     /// removed from the policies' status.
     pub stale_sweep_interval: Duration,
+    /// Service manager, unit directory and unit commands of promoter instances.
+    pub promoter: crate::plugins::promoter::PromoterOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -790,7 +792,11 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let client = Client::try_default().await?;
 
     let exporter = Arc::new(ExporterHub::new(opts.drbdadm.clone()));
-    let factory = Arc::new(Builtin::new(exporter.clone()).with_umh(opts.umh.clone()));
+    let factory = Arc::new(
+        Builtin::new(exporter.clone())
+            .with_umh(opts.umh.clone())
+            .with_promoter(opts.promoter.clone()),
+    );
     let metrics = AgentMetrics::new();
     for result in ["ok", "error"] {
         metrics.reloads.with_label_values(&[result]);
@@ -958,6 +964,9 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     for t in [t1, t2, t3, t4, t5] {
         t.abort();
     }
+    // Promoter instances now exit without a successor: only stopServicesOnExit resources stop, unit
+    // files stay for the next agent.
+    opts.promoter.registry.begin_shutdown();
     let r = engine.shutdown().await;
     let _ = stop_tx.send(true);
     let _ = engine_task.await;

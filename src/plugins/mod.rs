@@ -10,6 +10,7 @@
 
 pub mod debugger;
 pub mod prometheus;
+pub mod promoter;
 pub mod umh;
 
 use crate::drbd::state::Resource;
@@ -160,6 +161,8 @@ pub struct Builtin {
     pub exporter: Arc<prometheus::ExporterHub>,
     /// Where UMH instances write their scripts and how they reach the host.
     pub umh: umh::UmhOptions,
+    /// The service manager, unit directory and commands promoter instances use.
+    pub promoter: promoter::PromoterOptions,
 }
 
 impl Builtin {
@@ -167,12 +170,18 @@ impl Builtin {
         Builtin {
             exporter,
             umh: umh::UmhOptions::default(),
+            promoter: promoter::PromoterOptions::default(),
         }
     }
 
     /// The same factory with these UMH options.
     pub fn with_umh(self, umh: umh::UmhOptions) -> Builtin {
         Builtin { umh, ..self }
+    }
+
+    /// The same factory with these promoter options.
+    pub fn with_promoter(self, promoter: promoter::PromoterOptions) -> Builtin {
+        Builtin { promoter, ..self }
     }
 }
 
@@ -185,6 +194,10 @@ impl PluginFactory for Builtin {
                 self.exporter.clone(),
             )?)),
             "umh" => Ok(Box::new(umh::Umh::from_spec(spec, &self.umh)?)),
+            "promoter" => Ok(Box::new(promoter::Promoter::from_spec(
+                spec,
+                &self.promoter,
+            )?)),
             other => Err(PluginError::UnknownType(other.to_string())),
         }
     }

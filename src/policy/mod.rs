@@ -8,6 +8,7 @@ pub mod status;
 
 use crate::plugins::debugger::DebuggerSpec;
 use crate::plugins::prometheus::PrometheusSpec;
+use crate::plugins::promoter::spec::PromoterSpec;
 use crate::plugins::umh::spec::UmhSpec;
 use crate::plugins::{InstanceId, InstanceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -59,6 +60,11 @@ pub struct ReactorPolicySpec {
     /// Run commands or scripts on DRBD state changes and kernel helper events (see docs/umh.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umh: Option<UmhSpec>,
+    /// Keep services running on exactly one node per DRBD resource, through the host's systemd (see
+    /// docs/promoter.md). A DRBD resource is promoted by at most one policy per node: when two policies
+    /// that apply to a node list it, the one whose name sorts first manages it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoter: Option<PromoterSpec>,
 }
 
 /// The CustomResourceDefinition as YAML, as `drbd-reactor crd` prints it and `crds/` holds it.
@@ -172,7 +178,68 @@ pub fn validate(p: &ReactorPolicy) -> Result<(), PolicyError> {
     if let Some(u) = &p.spec.umh {
         crate::plugins::umh::validate(u).map_err(|e| invalid(&e.path, e.message))?;
     }
+    if let Some(pr) = &p.spec.promoter {
+        crate::plugins::promoter::spec::validate(pr, "spec.promoter")
+            .map_err(|e| invalid(&e.path, e.message))?;
+    }
     Ok(())
+}
+
+/// A DRBD resource that several policies applying to one node want to promote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromoterConflict {
+    pub resource: String,
+    /// The policy that manages the resource (its name sorts first).
+    pub winner: String,
+    /// The policies that do not manage it on this node.
+    pub losers: Vec<String>,
+}
+
+impl std::fmt::Display for PromoterConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DRBD resource '{}' is promoted by policies {} and {}; '{}' manages it, the others are not run for it",
+            self.resource,
+            self.winner,
+            self.losers.join(", "),
+            self.winner
+        )
+    }
+}
+
+/// The DRBD resources that more than one of the policies applying to a node (by its labels) promote.
+/// The policy whose name sorts first wins; the others are not run for that resource on the node.
+pub fn promoter_conflicts(
+    policies: &[ReactorPolicy],
+    node_labels: &BTreeMap<String, String>,
+) -> Vec<PromoterConflict> {
+    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for p in policies
+        .iter()
+        .filter(|p| selects(p.spec.node_selector.as_ref(), node_labels))
+    {
+        for r in p.spec.promoter.iter().flat_map(|s| &s.resources) {
+            claims
+                .entry(r.name.as_str())
+                .or_default()
+                .push(policy_name(p));
+        }
+    }
+    claims
+        .into_iter()
+        .filter(|(_, ps)| ps.len() > 1)
+        .map(|(res, mut ps)| {
+            ps.sort_unstable();
+            ps.dedup();
+            PromoterConflict {
+                resource: res.to_string(),
+                winner: ps[0].to_string(),
+                losers: ps[1..].iter().map(|s| s.to_string()).collect(),
+            }
+        })
+        .collect()
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -233,6 +300,7 @@ pub fn desired_instances(
         .filter(|p| selects(p.spec.node_selector.as_ref(), node_labels))
         .collect();
     sorted.sort_by(|a, b| policy_name(a).cmp(policy_name(b)));
+    let conflicts = promoter_conflicts(policies, node_labels);
     let mut out = Vec::new();
     for p in sorted {
         let name = policy_name(p);
@@ -248,6 +316,17 @@ pub fn desired_instances(
                 "umh",
                 &crate::plugins::umh::InstanceConfig::new(u.clone()),
             ));
+        }
+        if let Some(pr) = &p.spec.promoter {
+            let mut pr = pr.clone();
+            pr.resources.retain(|r| {
+                !conflicts
+                    .iter()
+                    .any(|c| c.resource == r.name && c.losers.iter().any(|l| l == name))
+            });
+            if !pr.resources.is_empty() {
+                out.push(spec_of(name, "promoter", &pr));
+            }
         }
     }
     out
@@ -313,6 +392,118 @@ mod tests {
             .starts_with("apiVersion:"));
         let e = parse_documents("apiVersion: [").unwrap_err();
         assert!(matches!(e, PolicyError::Yaml(_)));
+    }
+
+    fn promoter_policy(name: &str, resources: &[&str], selector: &str) -> String {
+        let mut y = format!(
+            "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata:\n  name: {name}\nspec:\n{selector}  promoter:\n    resources:\n"
+        );
+        for r in resources {
+            y.push_str(&format!(
+                "      - name: {r}\n        start: [{r}-app.service]\n"
+            ));
+        }
+        y
+    }
+
+    #[test]
+    fn promoter_section_and_conflicts() {
+        let a = promoter_policy("a", &["r0", "r1"], "");
+        let b = promoter_policy("b", &["r1", "r2"], "");
+        let c = promoter_policy(
+            "c",
+            &["r1"],
+            "  nodeSelector:\n    matchLabels: {zone: x}\n",
+        );
+        let mut ps = parse_documents(&a).unwrap();
+        ps.extend(parse_documents(&b).unwrap());
+        ps.extend(parse_documents(&c).unwrap());
+        let labels = BTreeMap::new();
+        let conflicts = promoter_conflicts(&ps, &labels);
+        assert_eq!(
+            conflicts,
+            vec![PromoterConflict {
+                resource: "r1".into(),
+                winner: "a".into(),
+                losers: vec!["b".into()]
+            }]
+        );
+        assert!(conflicts[0].to_string().contains("'a' manages it"));
+        let inst = desired_instances(&ps, &labels);
+        let names = |i: &InstanceSpec| -> Vec<String> {
+            i.config["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(inst.len(), 2);
+        assert_eq!(inst[0].id.to_string(), "a/promoter");
+        assert_eq!(names(&inst[0]), ["r0", "r1"]);
+        assert_eq!(names(&inst[1]), ["r2"], "b loses r1 on this node");
+        // in zone x, c applies too and also loses r1
+        let zone: BTreeMap<String, String> = [("zone".to_string(), "x".to_string())].into();
+        assert_eq!(promoter_conflicts(&ps, &zone)[0].losers, vec!["b", "c"]);
+        let inst = desired_instances(&ps, &zone);
+        assert_eq!(inst.len(), 2, "c has nothing left to run: no instance");
+        // defaults in the canonical config are stable (instance identity)
+        assert_eq!(
+            inst[1].config["resources"][0],
+            serde_json::json!({"name": "r2", "start": ["r2-app.service"], "runner": "systemd",
+                "dependenciesAs": "Requires", "targetAs": "Requires", "onDrbdDemoteFailure": "none",
+                "secondaryForce": true, "adjustResourceOnStart": true,
+                "preferredNodesPolicy": "always", "onQuorumLoss": "shutdown", "onDiskDetach": "ignore",
+                "sleepBeforePromoteFactor": 1, "fencingPromoteDelay": 5})
+        );
+        // validation errors name the field
+        let bad = promoter_policy("a", &["r0", "r0"], "");
+        assert!(parse_documents(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec.promoter.resources[1].name: resource 'r0' is listed twice"));
+        let bad = a.replace("[r0-app.service]", "[]");
+        assert!(parse_documents(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec.promoter.resources[0].start:"));
+    }
+
+    #[test]
+    fn promoter_cel_rules_are_in_the_crd() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(ReactorPolicy::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["promoter"]["properties"]["resources"];
+        assert_eq!(schema["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            schema["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        assert_eq!(schema["maxItems"], 1000);
+        let item = &schema["items"];
+        let rules: Vec<&str> = item["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap())
+            .collect();
+        assert_eq!(rules.len(), 4);
+        assert_eq!(rules[0], "size(self.start) > 0");
+        assert!(
+            rules[1].contains(r"s.matches('^[A-Za-z0-9:_.\\\\@-]+[.](service|socket|device|mount"),
+            "{}",
+            rules[1]
+        );
+        assert_eq!(item["properties"]["name"]["maxLength"], 128);
+        assert_eq!(item["properties"]["start"]["maxItems"], 64);
+        assert_eq!(item["properties"]["start"]["items"]["maxLength"], 4096);
+        assert_eq!(item["properties"]["secondaryForce"]["default"], true);
+        assert_eq!(item["properties"]["fencingPromoteDelay"]["default"], 5);
+        assert_eq!(
+            item["properties"]["sleepBeforePromoteFactor"]["maximum"].as_f64(),
+            Some(100.0)
+        );
     }
 
     #[test]

@@ -138,14 +138,23 @@ pub fn dereference(
     }
 }
 
-/// Resource conflicts between policies selecting this node: policy name → message. A policy named here
-/// is reported (`Conflict`) and does not run, so no resource is promoted twice.
-///
-/// Hook for the promoter section: call its pure "resources claimed by more than one policy" function here
-/// once `spec.promoter` exists (the policy sorting later by name loses). Until then no section can claim
-/// a resource, so there are no conflicts.
-pub fn conflicts(_selected: &[&ReactorPolicy]) -> BTreeMap<String, String> {
-    BTreeMap::new()
+/// Promoter conflicts between policies selecting this node: policy name → message, for each policy that
+/// loses a DRBD resource to another one (the policy whose name sorts first wins, as in file mode). The
+/// losing policy runs without that resource and is reported (`Conflict`), so no resource is promoted twice.
+pub fn conflicts(selected: &[&ReactorPolicy]) -> BTreeMap<String, String> {
+    let owned: Vec<ReactorPolicy> = selected.iter().map(|p| (*p).clone()).collect();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // `selected` already matches this node: no label filter left to apply.
+    let everything = BTreeMap::new();
+    for c in super::promoter_conflicts(&owned, &everything) {
+        for l in &c.losers {
+            out.entry(l.clone()).or_default().push(format!(
+                "promoter resource {} is promoted by policy {} on this node; not run by this policy",
+                c.resource, c.winner
+            ));
+        }
+    }
+    out.into_iter().map(|(k, v)| (k, v.join("; "))).collect()
 }
 
 fn uid(p: &ReactorPolicy) -> String {
@@ -170,6 +179,7 @@ pub fn plan(
         .filter(|p| super::selects(p.spec.node_selector.as_ref(), node_labels))
         .collect();
     let conflicting = conflicts(&selected);
+    let selected_owned: Vec<ReactorPolicy> = selected.iter().map(|p| (*p).clone()).collect();
     for p in sorted {
         let name = policy_name(p).to_string();
         if !super::selects(p.spec.node_selector.as_ref(), node_labels) {
@@ -181,7 +191,11 @@ pub fn plan(
             .filter(|(u, _)| *u == uid(p))
             .map(|(_, v)| v.clone());
         let mut problem = None;
-        let mut instances = desired_instances(std::slice::from_ref(p), node_labels);
+        // Built with every selected policy in view, so a promoter resource another policy wins is left out.
+        let mut instances: Vec<_> = desired_instances(&selected_owned, node_labels)
+            .into_iter()
+            .filter(|s| s.id.policy == name)
+            .collect();
         for s in &mut instances {
             if let Err(e) = dereference(s, namespace, lookup) {
                 problem.get_or_insert(e);
@@ -199,13 +213,14 @@ pub fn plan(
                 message: m.clone(),
             });
         }
-        let run = match &problem {
-            None => {
-                good.insert(name.clone(), (uid(p), instances.clone()));
-                instances
-            }
-            Some(pr) if pr.reason == "Conflict" => Vec::new(),
-            Some(pr) => match previous {
+        // A conflict is reported, and the policy runs without the resources it lost.
+        let runnable = problem.as_ref().is_none_or(|pr| pr.reason == "Conflict");
+        let run = if runnable {
+            good.insert(name.clone(), (uid(p), instances.clone()));
+            instances
+        } else {
+            let pr = problem.clone().expect("not runnable means a problem");
+            match previous {
                 Some(prev) => {
                     problem = Some(Problem {
                         reason: pr.reason.clone(),
@@ -215,7 +230,7 @@ pub fn plan(
                     prev
                 }
                 None => Vec::new(),
-            },
+            }
         };
         out.outcomes.insert(
             name,

@@ -3,6 +3,8 @@
 //! daemon, through `systemctl` on the host-exec path. Unit files are written by `UnitDir`]-style writers
 //! under the host's `/run/systemd/system` (configurable for tests).
 
+pub mod files;
+
 use futures::future::BoxFuture;
 
 /// What a finished systemd job reported (`JobRemoved` result).

@@ -1,0 +1,497 @@
+//! Promoter plugin: keeps the services of a DRBD resource running on exactly one node, through the
+//! host's systemd (see docs/promoter.md).
+//!
+//! Layers:
+//! - [`spec`]: the `spec.promoter` section of a ReactorPolicy and its validation (pure);
+//! - [`units`]: the generated systemd files (pure); written by [`crate::systemd::files`];
+//! - [`decide`]: the decisions, per resource: (state, input, clock) → actions + explanation (pure);
+//! - [`effects`]: the service manager and processes;
+//! - [`ocf`]: the `drbd-reactor ocf-wrapper` subcommand that OCF units run;
+//! - this module: the plugin task that drives them.
+
+pub mod decide;
+pub mod effects;
+pub mod ocf;
+pub mod spec;
+pub mod units;
+
+use super::{Delivery, Inbox, InstanceSpec, Plugin, PluginCtx, PluginError, Subscription};
+use crate::systemd::files::{UnitDir, DEFAULT_UNIT_DIR, TEMPLATE_SEARCH};
+use crate::systemd::ServiceManager;
+use decide::{Action, ActionKind, Input, Now, Outcome, Res, ResConfig, SbPolicy, Timing};
+use effects::Effects;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use spec::{PromotedResource, PromoterSpec, Runner};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use units::{UnitCommands, UnitFile};
+
+/// When to install the template units (`drbd-promote@.service`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Templates {
+    /// Those that none of the search directories has.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// What the agent gives every promoter instance.
+#[derive(Clone)]
+pub struct PromoterOptions {
+    /// The host's service manager (`--systemd-bus`); without it, a policy with systemd-runner resources
+    /// is rejected.
+    pub manager: Option<Arc<dyn ServiceManager>>,
+    /// Where unit files are written (`--unit-dir`, the host's `/run/systemd/system`).
+    pub unit_dir: PathBuf,
+    /// What the generated units run (`--units-drbdsetup`, `--units-ocf-wrapper`).
+    pub units: UnitCommands,
+    pub templates: Templates,
+    /// Where the host's templates are looked for (as the agent sees them).
+    pub template_search: Vec<PathBuf>,
+    /// The agent's own drbdsetup (for `drbdsetup show`).
+    pub drbdsetup: Vec<String>,
+    /// The agent's drbdadm (for `drbdadm adjust`; empty = never).
+    pub drbdadm: Vec<String>,
+    /// Prefix that runs a program on the host (shell runner).
+    pub host_exec: Vec<String>,
+    pub timing: Timing,
+    /// Shared by all instances of the agent: which instance manages which resource.
+    pub registry: Arc<Registry>,
+}
+
+impl Default for PromoterOptions {
+    fn default() -> Self {
+        PromoterOptions {
+            manager: None,
+            unit_dir: PathBuf::from(DEFAULT_UNIT_DIR),
+            units: UnitCommands::default(),
+            templates: Templates::Auto,
+            template_search: TEMPLATE_SEARCH.iter().map(PathBuf::from).collect(),
+            drbdsetup: vec!["drbdsetup".into()],
+            drbdadm: Vec::new(),
+            host_exec: Vec::new(),
+            timing: Timing::default(),
+            registry: Arc::new(Registry::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for PromoterOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromoterOptions")
+            .field("manager", &self.manager.as_ref().map(|_| "…"))
+            .field("unit_dir", &self.unit_dir)
+            .field("units", &self.units)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which promoter instance manages which DRBD resource. An instance claims its resources when it is
+/// built, which happens before the instance it replaces runs its exit actions: that one then sees the
+/// resource handed over and neither stops its services nor removes its files. At agent shutdown
+/// ([`Registry::begin_shutdown`]) files stay (the next agent rewrites them), and only
+/// `stopServicesOnExit` resources stop.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    owners: HashMap<String, u64>,
+    next: u64,
+    shutting_down: bool,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agent is stopping: instances that exit now are not being replaced.
+    pub fn begin_shutdown(&self) {
+        self.lock().shutting_down = true;
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.lock().shutting_down
+    }
+
+    fn claim(self: &Arc<Self>, resources: Vec<String>) -> Claim {
+        let mut g = self.lock();
+        g.next += 1;
+        let token = g.next;
+        for r in &resources {
+            g.owners.insert(r.clone(), token);
+        }
+        Claim {
+            registry: self.clone(),
+            token,
+            resources,
+        }
+    }
+
+    fn owns(&self, token: u64, res: &str) -> bool {
+        self.lock().owners.get(res) == Some(&token)
+    }
+}
+
+/// An instance's claim on its resources; released when dropped (if not taken over meanwhile).
+#[derive(Debug)]
+struct Claim {
+    registry: Arc<Registry>,
+    token: u64,
+    resources: Vec<String>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut g = self.registry.lock();
+        for r in &self.resources {
+            if g.owners.get(r) == Some(&self.token) {
+                g.owners.remove(r);
+            }
+        }
+    }
+}
+
+pub struct Promoter {
+    resources: Vec<PromotedResource>,
+    files: Vec<Vec<UnitFile>>,
+    opts: PromoterOptions,
+    claim: Claim,
+}
+
+fn config_err(e: impl std::fmt::Display) -> PluginError {
+    PluginError::Config(e.to_string())
+}
+
+impl Promoter {
+    pub fn from_spec(spec: &InstanceSpec, opts: &PromoterOptions) -> Result<Promoter, PluginError> {
+        let cfg: PromoterSpec = serde_json::from_value(spec.config.clone())
+            .map_err(|e| config_err(format!("spec.promoter: {e}")))?;
+        spec::validate(&cfg, "spec.promoter").map_err(config_err)?;
+        let systemd = cfg.resources.iter().any(|r| r.runner == Runner::Systemd);
+        if systemd && opts.manager.is_none() {
+            return Err(config_err(
+                "spec.promoter: the systemd runner needs the host's service manager, and this agent has \
+                 none: start it with --systemd-bus (or use runner: shell)",
+            ));
+        }
+        let files = cfg
+            .resources
+            .iter()
+            .map(|r| units::resource_files(r, &opts.units))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(config_err)?;
+        let claim = opts
+            .registry
+            .claim(cfg.resources.iter().map(|r| r.name.clone()).collect());
+        Ok(Promoter {
+            resources: cfg.resources,
+            files,
+            opts: opts.clone(),
+            claim,
+        })
+    }
+}
+
+/// Writes templates and every resource's files; returns whether systemd must reload.
+fn write_files(
+    dir: &UnitDir,
+    files: &[(String, Vec<UnitFile>)],
+    templates: Templates,
+    search: &[PathBuf],
+    any_systemd: bool,
+) -> Result<bool, String> {
+    let mut changed = false;
+    if any_systemd {
+        changed |= match templates {
+            Templates::Auto => dir.ensure_templates(&units::templates(), search),
+            Templates::Always => dir.ensure_templates(&units::templates(), &[]),
+            Templates::Never => Ok(false),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    for (res, f) in files {
+        changed |= dir.sync_resource(res, f).map_err(|e| e.to_string())?;
+    }
+    Ok(changed)
+}
+
+/// What comes back from an effect task.
+enum Back {
+    Done(ActionKind, Outcome),
+    Detected(Result<(SbPolicy, Vec<String>), String>),
+}
+
+struct Driver {
+    res: Vec<Res>,
+    specs: Vec<Arc<PromotedResource>>,
+    index: HashMap<String, usize>,
+    wakes: Vec<Option<Instant>>,
+    states: Vec<&'static str>,
+    eff: Arc<Effects>,
+    tx: mpsc::UnboundedSender<(usize, Back)>,
+    ctx: PluginCtx,
+    timing: Timing,
+}
+
+impl Driver {
+    fn step(&mut self, i: usize, input: Input<'_>) {
+        let now = Now::real();
+        let actions = self.res[i].step(input, now, &self.timing);
+        for a in actions {
+            self.dispatch(i, a);
+        }
+        self.wakes[i] = self.res[i].next_wake(&self.timing);
+        let state = self.res[i].status(now.mono).state;
+        if state != self.states[i] {
+            let name = self.res[i].name().to_string();
+            let g = &self.ctx.metrics.promoter_state;
+            g.with_label_values(&[&name, self.states[i]]).set(0);
+            g.with_label_values(&[&name, state]).set(1);
+            self.states[i] = state;
+        }
+    }
+
+    fn dispatch(&self, i: usize, a: Action) {
+        let spec = self.specs[i].clone();
+        let eff = self.eff.clone();
+        let tx = self.tx.clone();
+        match a {
+            Action::Event {
+                warning,
+                reason,
+                message,
+            } => self
+                .ctx
+                .event(warning, reason, format!("{}: {message}", spec.name)),
+            Action::Detect => {
+                tokio::spawn(async move {
+                    let r = eff.detect(&spec).await;
+                    let _ = tx.send((i, Back::Detected(r)));
+                });
+            }
+            Action::Start | Action::Stop | Action::Freeze | Action::Thaw => {
+                let kind = match a {
+                    Action::Start => ActionKind::Start,
+                    Action::Stop => ActionKind::Stop,
+                    Action::Freeze => ActionKind::Freeze,
+                    _ => ActionKind::Thaw,
+                };
+                tracing::info!(target: "promoter", instance = %self.ctx.id, resource = %spec.name, action = kind.as_str(), "acting");
+                let metrics = self.ctx.metrics.clone();
+                tokio::spawn(async move {
+                    let o = eff.act(&spec, kind).await;
+                    metrics
+                        .promoter_actions
+                        .with_label_values(&[&spec.name, kind.as_str(), o.label()])
+                        .inc();
+                    let _ = tx.send((i, Back::Done(kind, o)));
+                });
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let list: Vec<_> = self.res.iter().map(|r| r.status(now)).collect();
+        self.ctx
+            .detail
+            .set(serde_json::json!({ "resources": list }));
+    }
+}
+
+fn cgroup2() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+impl Plugin for Promoter {
+    fn subscription(&self) -> Subscription {
+        Subscription {
+            changes: true,
+            events: false,
+        }
+    }
+
+    fn run(
+        self: Box<Self>,
+        mut inbox: Inbox,
+        ctx: PluginCtx,
+    ) -> BoxFuture<'static, Result<(), PluginError>> {
+        async move {
+            let me = *self;
+            let opts = me.opts.clone();
+            let eff = Arc::new(Effects {
+                manager: opts.manager.clone(),
+                host_exec: opts.host_exec.clone(),
+                drbdsetup: opts.drbdsetup.clone(),
+                drbdadm: opts.drbdadm.clone(),
+                node: ctx.node_name.clone(),
+                cgroup2: cgroup2(),
+            });
+            let any_systemd = me.resources.iter().any(|r| r.runner == Runner::Systemd);
+            let dir = UnitDir::new(&opts.unit_dir);
+
+            // 1. Unit files, then one reload.
+            let batch: Vec<(String, Vec<UnitFile>)> = me
+                .resources
+                .iter()
+                .map(|r| r.name.clone())
+                .zip(me.files.iter().cloned())
+                .collect();
+            let (d, t, s) = (dir.clone(), opts.templates, opts.template_search.clone());
+            let written = tokio::task::spawn_blocking(move || write_files(&d, &batch, t, &s, any_systemd))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match written {
+                Ok(true) => {
+                    if let Some(m) = &opts.manager {
+                        if let Err(e) = m.reload().await {
+                            ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
+            }
+
+            // 2. drbdadm adjust, all resources at once.
+            let adjusts = me
+                .resources
+                .iter()
+                .filter(|r| r.adjust_resource_on_start && !r.disabled)
+                .map(|r| {
+                    let eff = eff.clone();
+                    let name = r.name.clone();
+                    async move { (name.clone(), eff.adjust(&name).await) }
+                });
+            for (name, r) in futures::future::join_all(adjusts).await {
+                if let Err(e) = r {
+                    ctx.event(true, "AdjustFailed", format!("{name}: {e}"));
+                }
+            }
+
+            // 3. The decision state, and what systemd says runs already.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let n = me.resources.len();
+            let mut run = Driver {
+                res: me
+                    .resources
+                    .iter()
+                    .map(|r| Res::new(ResConfig::new(r.clone(), &ctx.node_name)))
+                    .collect(),
+                specs: me.resources.iter().cloned().map(Arc::new).collect(),
+                index: me
+                    .resources
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.name.clone(), i))
+                    .collect(),
+                wakes: vec![None; n],
+                states: vec![""; n],
+                eff: eff.clone(),
+                tx,
+                ctx: ctx.clone(),
+                timing: opts.timing.clone(),
+            };
+            let observed = futures::future::join_all(me.resources.iter().map(|r| eff.observe(r))).await;
+            for (i, o) in observed.into_iter().enumerate() {
+                let (active, frozen) = o.unwrap_or((false, false));
+                run.step(i, Input::Observed { active, frozen });
+            }
+            run.publish();
+
+            // 4. Events, effect results and deadlines.
+            let mut publish = tokio::time::interval(Duration::from_millis(500));
+            publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let wake = run.wakes.iter().flatten().min().copied();
+                tokio::select! {
+                    d = inbox.recv() => match d {
+                        Some(Delivery::Change(u)) => {
+                            if let Some(&i) = run.index.get(u.resource.as_str()) {
+                                run.step(i, Input::Update(&u));
+                            }
+                        }
+                        Some(Delivery::Resources(_)) => {}
+                        None => break,
+                    },
+                    Some((i, back)) = rx.recv() => match back {
+                        Back::Done(k, o) => run.step(i, Input::Done(k, o)),
+                        Back::Detected(r) => run.step(i, Input::Detected(r)),
+                    },
+                    _ = async { tokio::time::sleep_until(wake.expect("checked").into()).await }, if wake.is_some() => {
+                        let now = Instant::now();
+                        for i in 0..n {
+                            if run.wakes[i].is_some_and(|w| w <= now) {
+                                run.step(i, Input::Tick);
+                            }
+                        }
+                    }
+                    _ = publish.tick() => run.publish(),
+                }
+            }
+
+            // 5. Exit: resources handed over to a successor are left alone.
+            let shutting_down = opts.registry.shutting_down();
+            let mut reload = false;
+            for (i, spec) in me.resources.iter().enumerate() {
+                let g = &ctx.metrics.promoter_state;
+                for s in decide::STATES {
+                    let _ = g.remove_label_values(&[spec.name.as_str(), s]);
+                }
+                if !opts.registry.owns(me.claim.token, &spec.name) {
+                    continue;
+                }
+                let mut active = run.res[i].active();
+                if spec.stop_services_on_exit && !spec.disabled {
+                    ctx.event(false, "Exit", format!("{}: stopping services (stopServicesOnExit)", spec.name));
+                    let o = eff.act(spec, ActionKind::Stop).await;
+                    ctx.metrics
+                        .promoter_actions
+                        .with_label_values(&[&spec.name, "stop", o.label()])
+                        .inc();
+                    match o {
+                        Outcome::Ok => active = false,
+                        o => ctx.event(true, "StopFailed", format!("{}: {o:?}", spec.name)),
+                    }
+                }
+                if shutting_down {
+                    continue;
+                }
+                if active {
+                    ctx.event(true, "FilesKept", format!(
+                        "{}: no longer promoted by this policy, but its services still run here: its unit files stay so that stopping them still demotes DRBD", spec.name));
+                    continue;
+                }
+                let d = dir.clone();
+                let name = spec.name.clone();
+                match tokio::task::spawn_blocking(move || d.remove_resource(&name)).await {
+                    Ok(Ok(changed)) => reload |= changed,
+                    Ok(Err(e)) => ctx.event(true, "UnitFiles", format!("{}: {e}", spec.name)),
+                    Err(e) => ctx.event(true, "UnitFiles", format!("{}: {e}", spec.name)),
+                }
+            }
+            if reload {
+                if let Some(m) = &opts.manager {
+                    if let Err(e) = m.reload().await {
+                        ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
+                    }
+                }
+            }
+            drop(me.claim);
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests;
