@@ -787,7 +787,11 @@ fn chart_and_manifests_apply_to_a_real_kube_apiserver() {
             "the kube-apiserver rejects the ReactorPolicy CRD generated from the Rust types \
              (ReactorPolicy::crd(), charts/drbd-reactor/crds/, manifests/crds.yaml) with {} reasons, e.g.:\n{}",
             reasons.len(),
-            reasons.iter().take(8).copied().collect::<Vec<_>>().join("\n")
+            if reasons.is_empty() {
+                err.clone()
+            } else {
+                reasons.iter().take(8).copied().collect::<Vec<_>>().join("\n")
+            }
         )
     });
     run_ok(env.kubectl().args([
