@@ -491,13 +491,13 @@ mod tests {
         assert_eq!(rules.len(), 4);
         assert_eq!(rules[0], "size(self.start) > 0");
         assert!(
-            rules[1].contains(r"s.matches('^[A-Za-z0-9:_.\\\\@-]+[.](service|socket|device|mount"),
+            rules[1].contains("!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket')"),
             "{}",
             rules[1]
         );
         assert_eq!(item["properties"]["name"]["maxLength"], 128);
-        assert_eq!(item["properties"]["start"]["maxItems"], 64);
-        assert_eq!(item["properties"]["start"]["items"]["maxLength"], 4096);
+        assert_eq!(item["properties"]["start"]["maxItems"], 32);
+        assert_eq!(item["properties"]["start"]["items"]["maxLength"], 512);
         assert_eq!(item["properties"]["secondaryForce"]["default"], true);
         assert_eq!(item["properties"]["fencingPromoteDelay"]["default"], 5);
         assert_eq!(
