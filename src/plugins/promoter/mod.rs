@@ -254,7 +254,9 @@ impl Driver {
         if state != self.states[i] {
             let name = self.res[i].name().to_string();
             let g = &self.ctx.metrics.promoter_state;
-            g.with_label_values(&[&name, self.states[i]]).set(0);
+            if !self.states[i].is_empty() {
+                g.with_label_values(&[&name, self.states[i]]).set(0);
+            }
             g.with_label_values(&[&name, state]).set(1);
             self.states[i] = state;
         }
