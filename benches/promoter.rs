@@ -124,11 +124,12 @@ fn run(resources: usize, samples: usize) {
     let plugin = Box::new(Promoter::from_spec(&spec, &opts).unwrap());
     let (out, inbox) = channel(plugin.subscription());
     let metrics = AgentMetrics::new();
+    let detail = DetailHandle::default();
     let ctx = PluginCtx {
         id: spec.id.clone(),
         node_name: "n1".into(),
         metrics: metrics.clone(),
-        detail: DetailHandle::default(),
+        detail: detail.clone(),
         events: EventSink::default(),
     };
     let _task = rt.spawn(plugin.run(inbox, ctx));
@@ -150,7 +151,29 @@ fn run(resources: usize, samples: usize) {
             state: s,
         });
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // ready: unit files written, every target observed active
+    let last = metrics
+        .promoter_state
+        .with_label_values(&[&name(resources - 1), "active"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while last.get() != 1 {
+        assert!(Instant::now() < deadline, "the plugin did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // steady state: every resource's split-brain-avoidance policy detected (one drbdsetup show each)
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let detected = detail.get().is_some_and(|d| {
+            d["resources"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|r| r["splitBrainAvoidance"] == "Quorum"))
+        });
+        if detected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "detection did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut lat = Vec::with_capacity(samples);
     for k in 0..samples {
         let i = k % resources;
@@ -198,7 +221,18 @@ fn run(resources: usize, samples: usize) {
         let u = Arc::new(u);
         let t0 = Instant::now();
         out.send(&u);
-        let (unit, at) = rx.recv_timeout(Duration::from_secs(10)).expect("StopUnit");
+        let Ok((unit, at)) = rx.recv_timeout(Duration::from_secs(10)) else {
+            panic!(
+                "no StopUnit for {n} (sample {k}); metrics:\n{}",
+                prometheus::TextEncoder::new()
+                    .encode_to_string(&metrics.registry.gather())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("promoter"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        };
         assert_eq!(
             unit,
             drbd_reactor::plugins::promoter::units::target_unit(&n)
