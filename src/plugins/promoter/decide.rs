@@ -476,7 +476,13 @@ impl Res {
             self.promote_at = None;
             return;
         }
-        if !self.detect_in_flight && !matches!(self.detection, Detection::Known(_)) {
+        let detect = match self.detection {
+            Detection::Unknown => true,
+            Detection::Known(_) => false,
+            // not on every update while it keeps failing
+            Detection::Failed { at, .. } => now.mono >= at + t.detect_retry,
+        };
+        if detect && !self.detect_in_flight {
             self.detect_in_flight = true;
             out.push(Action::Detect);
         }

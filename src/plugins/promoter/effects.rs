@@ -82,7 +82,7 @@ impl Effects {
             }
             (Runner::Shell, _) => Outcome::Failed("the shell runner cannot freeze".into()),
             (Runner::Systemd, ActionKind::Start) => self.start_target(&spec.name).await,
-            (Runner::Systemd, ActionKind::Stop) => self.stop_target(&spec.name).await,
+            (Runner::Systemd, ActionKind::Stop) => self.stop_target(spec).await,
             (Runner::Systemd, ActionKind::Freeze) => self.freeze(spec, true).await,
             (Runner::Systemd, ActionKind::Thaw) => self.freeze(spec, false).await,
         }
@@ -120,13 +120,26 @@ impl Effects {
         }
     }
 
-    async fn stop_target(&self, res: &str) -> Outcome {
+    /// Stops the target (and so the services and the promote unit, which demotes DRBD). A promote unit
+    /// left `failed` means the demotion failed and systemd escalates (`onDrbdDemoteFailure`).
+    async fn stop_target(&self, spec: &PromotedResource) -> Outcome {
         let m = match self.manager() {
             Ok(m) => m,
             Err(e) => return Outcome::Failed(e),
         };
-        let target = target_unit(res);
-        match m.stop_unit(&target).await {
+        let target = target_unit(&spec.name);
+        let r = m.stop_unit(&target).await;
+        let promote = promote_unit(&spec.name);
+        if m.unit_state(&promote)
+            .await
+            .is_ok_and(|s| s.active_state == "failed")
+        {
+            return Outcome::Failed(format!(
+                "demoting DRBD failed ({promote} failed); escalation: onDrbdDemoteFailure {}",
+                spec.on_drbd_demote_failure.as_str()
+            ));
+        }
+        match r {
             Ok(j) if j.is_done() => Outcome::Ok,
             Ok(j) => Outcome::Failed(format!("stop job of {target}: {j:?}")),
             Err(e) => Outcome::Failed(e.to_string()),

@@ -236,6 +236,8 @@ struct Driver {
     index: HashMap<String, usize>,
     wakes: Vec<Option<Instant>>,
     states: Vec<&'static str>,
+    /// Something changed since the detail was last published.
+    dirty: bool,
     eff: Arc<Effects>,
     tx: mpsc::UnboundedSender<(usize, Back)>,
     ctx: PluginCtx,
@@ -246,6 +248,7 @@ impl Driver {
     fn step(&mut self, i: usize, input: Input<'_>) {
         let now = Now::real();
         let actions = self.res[i].step(input, now, &self.timing);
+        self.dirty = true;
         for a in actions {
             self.dispatch(i, a);
         }
@@ -254,7 +257,9 @@ impl Driver {
         if state != self.states[i] {
             let name = self.res[i].name().to_string();
             let g = &self.ctx.metrics.promoter_state;
-            g.with_label_values(&[&name, self.states[i]]).set(0);
+            if !self.states[i].is_empty() {
+                g.with_label_values(&[&name, self.states[i]]).set(0);
+            }
             g.with_label_values(&[&name, state]).set(1);
             self.states[i] = state;
         }
@@ -299,7 +304,8 @@ impl Driver {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.dirty = false;
         let now = Instant::now();
         let list: Vec<_> = self.res.iter().map(|r| r.status(now)).collect();
         self.ctx
@@ -396,6 +402,7 @@ impl Plugin for Promoter {
                     .collect(),
                 wakes: vec![None; n],
                 states: vec![""; n],
+                dirty: true,
                 eff: eff.clone(),
                 tx,
                 ctx: ctx.clone(),
@@ -435,7 +442,8 @@ impl Plugin for Promoter {
                             }
                         }
                     }
-                    _ = publish.tick() => run.publish(),
+                    // Countdowns in the reasons ("waiting 3 s") refresh while a deadline is pending.
+                    _ = publish.tick(), if run.dirty || wake.is_some() => run.publish(),
                 }
             }
 

@@ -18,6 +18,9 @@ struct Recorder {
     calls: Mutex<Vec<String>>,
     active: Mutex<HashSet<String>>,
     refuse_promotion: std::sync::atomic::AtomicBool,
+    /// Stopping a target leaves its promote unit `failed` (the demotion failed).
+    fail_demote: std::sync::atomic::AtomicBool,
+    failed: Mutex<HashSet<String>>,
 }
 
 impl Recorder {
@@ -57,6 +60,17 @@ impl ServiceManager for Recorder {
     fn stop_unit<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<JobResult, SystemdError>> {
         self.rec(format!("stop {unit}"));
         self.active.lock().unwrap().remove(unit);
+        if self.fail_demote.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(res) = unit
+                .strip_prefix("drbd-services@")
+                .and_then(|u| u.strip_suffix(".target"))
+            {
+                self.failed
+                    .lock()
+                    .unwrap()
+                    .insert(format!("drbd-promote@{res}.service"));
+            }
+        }
         async { Ok(JobResult::Done) }.boxed()
     }
     fn reset_failed_unit<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<(), SystemdError>> {
@@ -65,9 +79,17 @@ impl ServiceManager for Recorder {
     }
     fn unit_state<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<UnitState, SystemdError>> {
         let active = self.active.lock().unwrap().contains(unit);
+        let failed = self.failed.lock().unwrap().contains(unit);
         async move {
             Ok(UnitState {
-                active_state: if active { "active" } else { "inactive" }.into(),
+                active_state: if failed {
+                    "failed"
+                } else if active {
+                    "active"
+                } else {
+                    "inactive"
+                }
+                .into(),
                 sub_state: String::new(),
                 freezer_state: "running".into(),
             })
@@ -269,6 +291,13 @@ async fn start_then_stop_on_quorum_loss_then_files_removed_on_exit() {
             .with_label_values(&["r0", "active"])
             .get(),
         1
+    );
+    assert!(
+        !prometheus::TextEncoder::new()
+            .encode_to_string(&metrics.registry.gather())
+            .unwrap()
+            .contains("state=\"\""),
+        "no series with an empty state"
     );
     let v = detail.get().unwrap();
     assert_eq!(v["resources"][0]["name"], "r0");
@@ -480,4 +509,74 @@ async fn shell_runner_runs_entries_with_the_resource_in_the_environment() {
             .is_none(),
         "no unit files"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_demotion_is_reported_as_escalation() {
+    let e = env();
+    e.rec
+        .fail_demote
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let inst = instance(
+        "p",
+        serde_json::json!([{"name": "r0", "start": ["a.service"], "onDrbdDemoteFailure": "reboot"}]),
+    );
+    let plugin = Box::new(Promoter::from_spec(&inst, &e.opts).unwrap());
+    let (mut out, inbox) = channel(plugin.subscription());
+    let metrics = AgentMetrics::new();
+    let detail = DetailHandle::default();
+    let (etx, mut erx) = tokio::sync::mpsc::unbounded_channel();
+    let mut c = ctx(&metrics, &detail);
+    c.events = EventSink::new(etx);
+    let task = tokio::spawn(plugin.run(inbox, c));
+    send_resource(
+        &out,
+        (Role::Secondary, false),
+        state(Role::Secondary, true, true),
+    );
+    eventually("start", || {
+        e.rec
+            .calls()
+            .contains(&"start drbd-services@r0.target".to_string())
+    })
+    .await;
+    send_resource(
+        &out,
+        (Role::Secondary, true),
+        state(Role::Primary, false, true),
+    );
+    eventually("active", || {
+        detail_state(&detail).is_some_and(|s| s.0 == "active")
+    })
+    .await;
+    // DRBD demoted under the services (they died): the stop finds the promote unit failed
+    send_resource(
+        &out,
+        (Role::Primary, false),
+        state(Role::Secondary, true, true),
+    );
+    eventually("stop failed", || {
+        metrics
+            .promoter_actions
+            .with_label_values(&["r0", "stop", "failed"])
+            .get()
+            == 1
+    })
+    .await;
+    let mut found = None;
+    while let Ok(ev) = erx.try_recv() {
+        if ev.reason == "StopFailed" {
+            found = Some(ev);
+        }
+    }
+    let ev = found.expect("a StopFailed event");
+    assert!(ev.warning);
+    assert!(
+        ev.message.contains("demoting DRBD failed")
+            && ev.message.contains("onDrbdDemoteFailure reboot"),
+        "{}",
+        ev.message
+    );
+    out.close();
+    task.await.unwrap().unwrap();
 }

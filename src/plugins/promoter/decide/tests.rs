@@ -869,6 +869,10 @@ fn detection_failure_blocks_and_retries() {
         .any(|x| x.0 && x.1 == "Ignored" && x.2.contains(&e)));
     assert_eq!(h.status(), ("blocked", format!("IGNORED: {e}")));
     assert_eq!(h.wake_secs(), Some(30.0));
+    // further updates do not re-run it before the retry time
+    h.at(10.0);
+    let old = h.w.clone();
+    assert_eq!(h.res_change(&old), vec![]);
     h.at(30.0);
     assert_eq!(h.tick(), vec![Action::Detect]);
     // the same error again is not announced again
