@@ -234,6 +234,43 @@ fn bench(c: &mut Criterion) {
     // the touched resources to the instance). With and without a thread scraping back to back.
     let rounds: Vec<String> = (1..=8).map(poll_round).collect();
     let lines_per_round = (RESOURCES * 2) as u64;
+    // CPU and wall time of the event thread per round, without and with a thread scraping back to back:
+    // the scraper holds the exporter's lock only to clone the state's Arcs, so the event thread's CPU
+    // time per round should not grow (its wall time may, on a machine with fewer free cores than
+    // threads).
+    for scraping in [false, true] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let scraper = scraping.then(|| {
+            let (hub, agent, stop, scrapes) =
+                (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
+                    scrapes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        const ROUNDS: u32 = 40;
+        let (t, c0) = (std::time::Instant::now(), thread_cpu());
+        for i in 0..ROUNDS as usize {
+            out.clear();
+            engine.apply_chunk(rounds[i % rounds.len()].as_bytes(), &mut out);
+            reg.apply(engine.state.take_dirty());
+        }
+        let (wall, cpu) = (t.elapsed() / ROUNDS, (thread_cpu() - c0) / ROUNDS);
+        stop.store(true, Ordering::Relaxed);
+        if let Some(t) = scraper {
+            let _ = t.join();
+        }
+        eprintln!(
+            "events, {} lines per round, scraping={scraping}: {cpu:.2?} CPU, {wall:.2?} wall per round ({:.0} lines per CPU second; {} scrapes meanwhile)",
+            lines_per_round,
+            lines_per_round as f64 / cpu.as_secs_f64(),
+            scrapes.load(Ordering::Relaxed)
+        );
+    }
+
     let mut g = c.benchmark_group("events_1000x2x2");
     g.sample_size(30);
     g.measurement_time(Duration::from_secs(5));

@@ -265,8 +265,13 @@ impl ExporterHub {
         let mut rendered = 0;
         for (name, res) in current {
             while old.next_if(|(n, _, _)| *n < name).is_some() {}
-            let frag = match old.next_if(|(n, r, _)| *n == name && Arc::ptr_eq(r, &res)) {
-                Some((_, _, f)) => f,
+            let frag = match old.next_if(|(n, _, _)| *n == name) {
+                Some((_, r, f)) if Arc::ptr_eq(&r, &res) => f,
+                // Changed: rendered anew, but one-hot families whose samples are the same are copied.
+                Some((_, r, f)) => {
+                    rendered += 1;
+                    Fragment::update(&res, opts, Some((&r, &f)))
+                }
                 None => {
                     rendered += 1;
                     Fragment::of(&res, opts)
@@ -605,6 +610,18 @@ mod tests {
             text.contains("drbd_peerdevice_sent_bytes{"),
             "union with the other policy's names"
         );
+        // With enums, a changed resource copies the one-hot families that did not change and renders
+        // the others: both must give what a full rendering gives.
+        feed(&mut engine, "change peer-device name:r2 peer-node-id:1 conn-name:p volume:0 replication:SyncSource peer-disk:Inconsistent peer-client:no resync-suspended:no received:0 sent:8 out-of-sync:4 pending:0 unacked:0 done:50.00\n\
+            change resource name:r3 role:Primary suspended:no force-io-failures:no may_promote:no promotion_score:1\n\
+            change device name:r20 volume:0 minor:2 disk:Diskless client:no open:no quorum:yes size:8 read:0 written:0 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no\n\
+            change device name:r3 volume:0 minor:1 disk:UpToDate client:no open:yes quorum:yes size:8 read:9 written:9 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no\n");
+        let text = scrape(&hub);
+        assert_eq!(hub.last_rendered(), 3);
+        assert_eq!(text, full(&hub));
+        assert!(text.contains("drbd_peerdevice_replication_state{name=\"r2\",conn_name=\"p\",peer_node_id=\"1\",volume=\"0\",drbd_peerdevice_replication_state=\"SyncSource\"} 1\n"));
+        assert!(text.contains("drbd_resource_role{name=\"r3\",drbd_resource_role=\"Primary\"} 1\n"));
+        assert!(text.contains("drbd_device_state{name=\"r20\",volume=\"0\",minor=\"2\",drbd_device_state=\"Diskless\"} 1\n"));
         drop(e);
         assert!(!scrape(&hub).contains("drbd_resource_role{"));
     }

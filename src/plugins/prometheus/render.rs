@@ -614,18 +614,87 @@ pub struct Fragment {
     ends: [u32; FAMILY_COUNT],
 }
 
+/// Whether the one-hot family `def` has the same samples for both states of a resource: the same labels
+/// (names, peers, volumes, minors) and the same current value. The one-hot families are most of the text
+/// with `enums` and change rarely, while statistics change all the time.
+fn same_one_hot(def: &FamilyDef, old: &Resource, new: &Resource) -> bool {
+    fn same_conns(
+        old: &Resource,
+        new: &Resource,
+        each: impl Fn(&Connection, &Connection) -> bool,
+    ) -> bool {
+        old.connections.len() == new.connections.len()
+            && old
+                .connections
+                .iter()
+                .zip(new.connections.iter())
+                .all(|((ko, o), (kn, n))| ko == kn && o.conn_name == n.conn_name && each(o, n))
+    }
+    fn same_pds(
+        o: &Connection,
+        n: &Connection,
+        each: impl Fn(&PeerDevice, &PeerDevice) -> bool,
+    ) -> bool {
+        o.peer_devices.len() == n.peer_devices.len()
+            && o.peer_devices
+                .iter()
+                .zip(n.peer_devices.iter())
+                .all(|((ko, po), (kn, pn))| ko == kn && each(po, pn))
+    }
+    if old.name != new.name {
+        return false;
+    }
+    match def.index {
+        i if i == RES_ROLE.index => old.role == new.role,
+        i if i == RES_WRITE_ORDERING.index => old.write_ordering == new.write_ordering,
+        i if i == CONN_STATE.index => same_conns(old, new, |o, n| o.connection == n.connection),
+        i if i == PD_REPLICATION.index => same_conns(old, new, |o, n| {
+            same_pds(o, n, |po, pn| po.replication == pn.replication)
+        }),
+        i if i == PD_PEER_DISK.index => same_conns(old, new, |o, n| {
+            same_pds(o, n, |po, pn| po.peer_disk == pn.peer_disk)
+        }),
+        i if i == DEV_STATE.index => {
+            old.devices.len() == new.devices.len()
+                && old
+                    .devices
+                    .iter()
+                    .zip(new.devices.iter())
+                    .all(|((ko, o), (kn, n))| ko == kn && o.minor == n.minor && o.disk == n.disk)
+        }
+        _ => false,
+    }
+}
+
 impl Fragment {
     /// Renders one resource's samples.
     pub fn of(r: &Resource, opts: Options) -> Fragment {
+        Fragment::update(r, opts, None)
+    }
+
+    /// Renders one resource's samples; with `previous` (an earlier state of the resource and its
+    /// fragment, rendered with the same options), copies the one-hot families whose samples are the same.
+    pub fn update(
+        r: &Resource,
+        opts: Options,
+        previous: Option<(&Resource, &Fragment)>,
+    ) -> Fragment {
         let mut w = FragmentWriter {
             frag: Fragment {
-                text: String::with_capacity(if opts.enums { 32 * 1024 } else { 8 * 1024 }),
+                text: String::with_capacity(
+                    previous.map_or(if opts.enums { 32 * 1024 } else { 8 * 1024 }, |(_, f)| {
+                        f.len() + 256
+                    }),
+                ),
                 ends: [0; FAMILY_COUNT],
             },
             next: 0,
             current: None,
             prefix: String::new(),
             prefix_of: None,
+            previous,
+            resource: r,
+            copied: false,
         };
         render_resource(r, opts, &mut w);
         w.finish()
@@ -663,7 +732,7 @@ fn labels_id(labels: &[&str]) -> Option<LabelsId> {
 }
 
 /// The [`Sink`] that renders a [`Fragment`].
-struct FragmentWriter {
+struct FragmentWriter<'a> {
     frag: Fragment,
     /// Index of the family being written.
     next: usize,
@@ -671,9 +740,14 @@ struct FragmentWriter {
     /// `name{label="value",...` of the last sample, and whose it is.
     prefix: String,
     prefix_of: Option<(usize, LabelsId)>,
+    /// An earlier state of the resource and its fragment, to copy unchanged one-hot families from.
+    previous: Option<(&'a Resource, &'a Fragment)>,
+    resource: &'a Resource,
+    /// The current family was copied from `previous`: its samples are not written.
+    copied: bool,
 }
 
-impl FragmentWriter {
+impl FragmentWriter<'_> {
     fn close_until(&mut self, i: usize) {
         let len = self.frag.text.len() as u32;
         while self.next < i {
@@ -688,14 +762,24 @@ impl FragmentWriter {
     }
 }
 
-impl Sink for FragmentWriter {
+impl Sink for FragmentWriter<'_> {
     fn family(&mut self, def: &'static FamilyDef) {
         debug_assert!(def.index >= self.next, "families out of order");
         self.close_until(def.index);
         self.current = Some(def);
+        self.copied = false;
+        if let Some((old, frag)) = self.previous {
+            if def.enums_only && same_one_hot(def, old, self.resource) {
+                self.frag.text.push_str(frag.family(def.index));
+                self.copied = true;
+            }
+        }
     }
 
     fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
+        if self.copied {
+            return;
+        }
         let Some(def) = self.current else { return };
         let id = labels_id(labels).map(|l| (def.index, l));
         if id.is_none() || id != self.prefix_of {
@@ -748,6 +832,7 @@ impl Sink for GlobalsWriter<'_> {
 
     fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
         let Some(def) = self.current else { return };
+        let none = Resource::default();
         let mut w = FragmentWriter {
             frag: Fragment {
                 text: std::mem::take(self.out),
@@ -757,6 +842,9 @@ impl Sink for GlobalsWriter<'_> {
             current: Some(def),
             prefix: String::new(),
             prefix_of: None,
+            previous: None,
+            resource: &none,
+            copied: false,
         };
         w.sample(labels, extra, value);
         *self.out = w.frag.text;
