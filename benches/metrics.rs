@@ -2,8 +2,14 @@
 //! throughput with and without concurrent scraping.
 //!
 //! `cargo bench --bench metrics` (add `-- --quick` for a short run). Sizes are printed before the runs.
+//!
+//! - `scrape_1000x2x2/text/*`: a rendering from scratch (every resource rendered) — the worst case;
+//! - `scrape_1000x2x2/metrics_endpoint_enums_changed_N`: what one `/metrics` request costs (DRBD families
+//!   with enums, then the agent's own) after N resources changed since the previous scrape; N = 0 is a
+//!   repeated scrape of an unchanged state, N = 1000 every resource changed (worst case);
+//! - `gzip_*`: compressing the 1000-resource body, separately (Prometheus asks for gzip).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use drbd_reactor::engine::Engine;
 use drbd_reactor::metrics::AgentMetrics;
 use drbd_reactor::plugins::prometheus::{self as exporter, render, ExporterHub, View};
@@ -53,6 +59,17 @@ fn poll_round(round: u64) -> String {
     s
 }
 
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 fn id(p: &str) -> InstanceId {
     InstanceId {
         policy: p.to_string(),
@@ -81,7 +98,7 @@ fn bench(c: &mut Criterion) {
         let view = View {
             resources: resources.clone(),
             enums,
-            version: Default::default(),
+            ..Default::default()
         };
         let text = render::to_text(&view);
         let gz = exporter::gzip(text.as_bytes()).expect("gzip");
@@ -100,7 +117,7 @@ fn bench(c: &mut Criterion) {
         let view = View {
             resources: resources.clone(),
             enums,
-            version: Default::default(),
+            ..Default::default()
         };
         g.bench_with_input(BenchmarkId::new("text", enums), &view, |b, v| {
             b.iter(|| render::to_text(v).len())
@@ -117,31 +134,143 @@ fn bench(c: &mut Criterion) {
             },
         );
     }
-    // What one /metrics request does (enums on): snapshot from the hub, DRBD families, agent families.
-    // `changed`: a notification arrived since the last scrape, so the DRBD families are rendered anew;
-    // `unchanged`: the kept rendering is reused.
-    g.bench_function("metrics_endpoint_enums_changed", |b| {
-        b.iter(|| {
-            reg.apply(Vec::new());
-            exporter::render_metrics(&hub, &agent.registry).len()
-        })
-    });
-    g.bench_function("metrics_endpoint_enums_unchanged", |b| {
-        b.iter(|| exporter::render_metrics(&hub, &agent.registry).len())
-    });
-    g.bench_function("metrics_endpoint_enums_changed_gzip", |b| {
-        b.iter(|| {
-            reg.apply(Vec::new());
-            let body = exporter::render_metrics(&hub, &agent.registry);
-            exporter::gzip(body.as_bytes()).map(|v| v.len())
-        })
-    });
+    // What one /metrics request does: snapshot from the hub, DRBD families, agent families, after
+    // `n` resources got a new state (as the engine hands a changed resource to the exporter). A hub of
+    // its own per `enums` setting. First in CPU time of this thread (robust on a shared machine), then
+    // in wall time with criterion.
+    for enums in [false, true] {
+        let hub = Arc::new(ExporterHub::default());
+        let reg = hub.register(id("scrape"), enums);
+        reg.apply(
+            resources
+                .iter()
+                .map(|r| (Arc::from(r.name.as_str()), Some(r.clone())))
+                .collect(),
+        );
+        let mut round = 0u64;
+        let mut bump = |n: usize| {
+            round += 1;
+            let touched: Vec<_> = resources
+                .iter()
+                .take(n)
+                .map(|r| {
+                    let mut c = (**r).clone();
+                    if let Some(d) = c.devices.get_mut(&0) {
+                        d.read += round;
+                    }
+                    (Arc::from(c.name.as_str()), Some(Arc::new(c)))
+                })
+                .collect();
+            reg.apply(touched);
+        };
+        bump(0);
+        exporter::render_metrics(&hub, &agent.registry);
+        for n in [0usize, 1, 100, RESOURCES] {
+            let (mut scrape, mut gz, mut bytes, mut gz_bytes) =
+                (Duration::ZERO, Duration::ZERO, 0, 0);
+            const RUNS: u32 = 10;
+            for _ in 0..RUNS {
+                bump(n);
+                let c = thread_cpu();
+                let body = exporter::render_metrics(&hub, &agent.registry);
+                let c2 = thread_cpu();
+                let z = exporter::gzip(body.as_bytes()).expect("gzip");
+                gz += thread_cpu() - c2;
+                scrape += c2 - c;
+                bytes = body.len();
+                gz_bytes = z.len();
+            }
+            eprintln!(
+                "scrape enums={enums}, {n:>4} resources changed: {:>8.2?} CPU per scrape ({bytes} bytes), gzip {:>8.2?} CPU more ({gz_bytes} bytes)",
+                scrape / RUNS,
+                gz / RUNS
+            );
+        }
+        for n in [0usize, 1, 100, RESOURCES] {
+            let name = format!(
+                "metrics_endpoint_enums_{}_changed_{n}",
+                if enums { "on" } else { "off" }
+            );
+            g.bench_function(&name, |b| {
+                b.iter_batched(
+                    || bump(n),
+                    |_| exporter::render_metrics(&hub, &agent.registry).len(),
+                    BatchSize::PerIteration,
+                )
+            });
+            assert_eq!(hub.last_rendered(), n, "{name}: resources rendered anew");
+        }
+    }
+    g.finish();
+
+    // gzip of the body, separately; the level `exporter::gzip` uses and the default one for comparison.
+    let mut g = c.benchmark_group("gzip_1000x2x2");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(5));
+    for enums in [false, true] {
+        let body = render::to_text(&View {
+            resources: resources.clone(),
+            enums,
+            ..Default::default()
+        });
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("exporter_level", enums), &body, |b, t| {
+            b.iter(|| exporter::gzip(t.as_bytes()).map(|v| v.len()))
+        });
+        g.bench_with_input(BenchmarkId::new("default_level", enums), &body, |b, t| {
+            b.iter(|| {
+                use std::io::Write;
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(t.as_bytes())
+                    .and_then(|_| e.finish())
+                    .map(|v| v.len())
+            })
+        });
+    }
     g.finish();
 
     // Event processing: engine apply + the exporter instance's update, as in the agent (the engine hands
     // the touched resources to the instance). With and without a thread scraping back to back.
     let rounds: Vec<String> = (1..=8).map(poll_round).collect();
     let lines_per_round = (RESOURCES * 2) as u64;
+    // CPU and wall time of the event thread per round, without and with a thread scraping back to back:
+    // the scraper holds the exporter's lock only to clone the state's Arcs, so the event thread's CPU
+    // time per round should not grow (its wall time may, on a machine with fewer free cores than
+    // threads).
+    for scraping in [false, true] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let scraper = scraping.then(|| {
+            let (hub, agent, stop, scrapes) =
+                (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
+                    scrapes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        const ROUNDS: u32 = 40;
+        let (t, c0) = (std::time::Instant::now(), thread_cpu());
+        for i in 0..ROUNDS as usize {
+            out.clear();
+            engine.apply_chunk(rounds[i % rounds.len()].as_bytes(), &mut out);
+            reg.apply(engine.state.take_dirty());
+        }
+        let (wall, cpu) = (t.elapsed() / ROUNDS, (thread_cpu() - c0) / ROUNDS);
+        stop.store(true, Ordering::Relaxed);
+        if let Some(t) = scraper {
+            let _ = t.join();
+        }
+        eprintln!(
+            "events, {} lines per round, scraping={scraping}: {cpu:.2?} CPU, {wall:.2?} wall per round ({:.0} lines per CPU second; {} scrapes meanwhile)",
+            lines_per_round,
+            lines_per_round as f64 / cpu.as_secs_f64(),
+            scrapes.load(Ordering::Relaxed)
+        );
+    }
+
     let mut g = c.benchmark_group("events_1000x2x2");
     g.sample_size(30);
     g.measurement_time(Duration::from_secs(5));

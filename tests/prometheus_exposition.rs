@@ -10,7 +10,9 @@ mod common;
 
 use common::tool_or_skip;
 use drbd_reactor::engine::Engine;
-use drbd_reactor::plugins::prometheus::render::{self, DrbdVersion, View, FAMILIES};
+use drbd_reactor::plugins::prometheus::render::{
+    self, DrbdVersion, PeerByteCounters, View, FAMILIES,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -76,12 +78,19 @@ fn view_of(stream: &[u8], enums: bool) -> View {
         resources: engine.state.snapshot(),
         enums,
         version: VERSION,
+        ..Default::default()
     }
 }
 
 fn exposition(file: &Path, enums: bool) -> String {
+    exposition_with(file, enums, PeerByteCounters::Upstream)
+}
+
+fn exposition_with(file: &Path, enums: bool, names: PeerByteCounters) -> String {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    render::to_text(&view_of(&bytes, enums))
+    let mut view = view_of(&bytes, enums);
+    view.peer_byte_counters = names;
+    render::to_text(&view)
 }
 
 fn check_golden(name: &str, golden: &str, actual: &str) -> Result<(), String> {
@@ -131,7 +140,56 @@ fn golden_expositions_of_the_shared_samples() {
             errors.push(e);
         }
     }
+    // `peerByteCounters: total` and `both`, on a sample with peer devices.
+    let name = "drbd-utils_events2-sync";
+    let file = data_dir().join(format!("{name}.txt"));
+    for (names, suffix) in [
+        (PeerByteCounters::Total, "total"),
+        (PeerByteCounters::Both, "both"),
+    ] {
+        let text = exposition_with(&file, false, names);
+        if let Err(e) = check_golden(name, &format!("{name}.noenums.{suffix}.prom"), &text) {
+            errors.push(e);
+        }
+    }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn peer_byte_counter_names() {
+    let file = data_dir().join("drbd-utils_events2-sync.txt");
+    let pd = "{name=\"some-resource\",conn_name=\"some-peer\",peer_node_id=\"1\",volume=\"0\"}";
+    let upstream = exposition(&file, true);
+    let total = exposition_with(&file, true, PeerByteCounters::Total);
+    let both = exposition_with(&file, true, PeerByteCounters::Both);
+    for dir in ["sent", "received"] {
+        let up = format!("drbd_peerdevice_{dir}_bytes{pd}");
+        let tot = format!("drbd_peerdevice_{dir}_bytes_total{pd}");
+        assert!(value(&upstream, &up).is_some() && value(&upstream, &tot).is_none());
+        assert!(value(&total, &up).is_none() && value(&total, &tot).is_some());
+        assert_eq!(value(&both, &up), value(&both, &tot));
+        assert_eq!(value(&both, &up), value(&upstream, &up));
+        assert!(total.contains(&format!(
+            "# TYPE drbd_peerdevice_{dir}_bytes_total counter\n"
+        )));
+    }
+    // Nothing else differs: the same samples, renamed.
+    let renamed = total
+        .replace(
+            "drbd_peerdevice_sent_bytes_total",
+            "drbd_peerdevice_sent_bytes",
+        )
+        .replace(
+            "drbd_peerdevice_received_bytes_total",
+            "drbd_peerdevice_received_bytes",
+        );
+    let plain = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(plain(&renamed), plain(&upstream));
 }
 
 #[test]
@@ -313,15 +371,16 @@ fn label_values_are_escaped() {
 
 // ---- promtool ----
 
-/// Lint findings promtool reports on purpose: upstream drbd-reactor types these two families as counters
-/// without the `_total` suffix, and dashboards depend on their names.
-const ACCEPTED_LINT: &[&str] = &[
+/// The lint findings promtool reports on the default (`peerByteCounters: upstream`) output: upstream
+/// drbd-reactor types these two families as counters without the `_total` suffix, and dashboards depend
+/// on their names. `peerByteCounters: total` has none.
+const UPSTREAM_LINT: &[&str] = &[
     "drbd_peerdevice_sent_bytes counter metrics should have \"_total\" suffix",
     "drbd_peerdevice_received_bytes counter metrics should have \"_total\" suffix",
 ];
 
-/// Runs `promtool check metrics`; Ok when the text parses and every lint finding is an accepted one.
-pub fn promtool_check(promtool: &Path, text: &str) -> Result<(), String> {
+/// Runs `promtool check metrics`: its exit code and its findings (one per line).
+fn promtool(promtool: &Path, text: &str) -> Result<(Option<i32>, Vec<String>), String> {
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -343,67 +402,48 @@ pub fn promtool_check(promtool: &Path, text: &str) -> Result<(), String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    match out.status.code() {
-        Some(0) => Ok(()),
-        // 3 = lint findings only.
-        Some(3) => {
-            let unexpected: Vec<&str> = report
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !ACCEPTED_LINT.contains(l))
-                .collect();
-            if unexpected.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("promtool lint findings: {unexpected:?}"))
-            }
-        }
-        other => Err(format!("promtool exit {other:?}: {report}")),
-    }
+    let findings = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok((out.status.code(), findings))
 }
 
-/// The exposition without the two upstream families that promtool's lint flags: promtool must pass it
-/// with exit code 0.
-fn without_accepted_lint(text: &str) -> String {
-    text.lines()
-        .filter(|l| {
-            let name = l
-                .strip_prefix("# HELP ")
-                .or_else(|| l.strip_prefix("# TYPE "))
-                .unwrap_or(l);
-            !(name.starts_with("drbd_peerdevice_sent_bytes")
-                || name.starts_with("drbd_peerdevice_received_bytes"))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn promtool_strict(promtool: &Path, text: &str) -> Result<(), String> {
-    let out = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().expect("piped").write_all(text.as_bytes())?;
-            c.wait_with_output()
-        })
-        .map_err(|e| format!("promtool: {e}"))?;
-    if out.status.success() {
+/// Ok when promtool reports exactly `expected` (in any order): exit 0 for none, 3 (lint only) otherwise.
+fn promtool_expect(promtool_path: &Path, text: &str, expected: &[&str]) -> Result<(), String> {
+    let (code, findings) = promtool(promtool_path, text)?;
+    let mut got: Vec<&str> = findings.iter().map(String::as_str).collect();
+    got.sort_unstable();
+    let mut want = expected.to_vec();
+    want.sort_unstable();
+    let want_code = if expected.is_empty() { 0 } else { 3 };
+    if code == Some(want_code) && got == want {
         Ok(())
     } else {
         Err(format!(
-            "promtool exit {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
+            "promtool exit {code:?} (expected {want_code}), findings {got:?}, expected {want:?}"
         ))
     }
 }
 
+/// The findings the default output must get: the two upstream names, where the text has them.
+fn expected_upstream_lint(text: &str) -> Vec<&'static str> {
+    UPSTREAM_LINT
+        .iter()
+        .copied()
+        .filter(|f| {
+            let family = f.split(' ').next().unwrap_or_default();
+            text.contains(&format!("# TYPE {family} counter\n"))
+        })
+        .collect()
+}
+
 #[test]
 fn promtool_checks_every_sample_stream() {
-    let Some(promtool) = tool_or_skip("promtool", "promtool_checks_every_sample_stream") else {
+    let Some(promtool_path) = tool_or_skip("promtool", "promtool_checks_every_sample_stream")
+    else {
         return;
     };
     let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir())
@@ -415,38 +455,65 @@ fn promtool_checks_every_sample_stream() {
     assert!(files.len() >= SAMPLES.len(), "samples missing");
     let mut errors = Vec::new();
     let mut checked = 0;
+    let mut with_peer_devices = 0;
     for f in &files {
         for enums in [false, true] {
-            let text = exposition(f, enums);
             let name = f.file_name().unwrap_or_default().to_string_lossy();
-            if let Err(e) = promtool_check(&promtool, &text) {
+            // Default names: exactly the two documented findings (when the sample has peer devices).
+            let text = exposition(f, enums);
+            let expected = expected_upstream_lint(&text);
+            if expected.len() == UPSTREAM_LINT.len() {
+                with_peer_devices += 1;
+            }
+            if let Err(e) = promtool_expect(&promtool_path, &text, &expected) {
                 errors.push(format!("{name} enums={enums}: {e}"));
             }
-            if let Err(e) = promtool_strict(&promtool, &without_accepted_lint(&text)) {
-                errors.push(format!("{name} enums={enums} (strict): {e}"));
+            // `total`: no finding at all.
+            let text = exposition_with(f, enums, PeerByteCounters::Total);
+            if let Err(e) = promtool_expect(&promtool_path, &text, &[]) {
+                errors.push(format!("{name} enums={enums} peerByteCounters=total: {e}"));
             }
-            checked += 1;
+            checked += 2;
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(
+        with_peer_devices >= 10,
+        "too few samples with peer devices ({with_peer_devices}): the upstream findings were hardly checked"
+    );
     eprintln!("promtool check metrics passed on {checked} expositions");
 }
 
 #[test]
 fn promtool_flags_only_the_documented_upstream_names() {
-    let Some(promtool) = tool_or_skip(
+    let Some(promtool_path) = tool_or_skip(
         "promtool",
         "promtool_flags_only_the_documented_upstream_names",
     ) else {
         return;
     };
-    // The check itself must catch real problems: a bad line fails.
-    assert!(promtool_check(&promtool, "# TYPE x gauge\nx{a=\"1\" 1\n").is_err());
-    assert!(promtool_check(
-        &promtool,
-        "# HELP x_total h\n# TYPE x_total gauge\nx_total 1\n"
+    // The check itself must catch real problems: a bad line fails, a misnamed counter is a finding.
+    assert!(promtool_expect(&promtool_path, "# TYPE x gauge\nx{a=\"1\" 1\n", &[]).is_err());
+    assert!(promtool_expect(
+        &promtool_path,
+        "# HELP x_total h\n# TYPE x_total gauge\nx_total 1\n",
+        &[]
     )
     .is_err());
-    let text = exposition(&data_dir().join("drbd-utils_events2-sync.txt"), true);
-    promtool_check(&promtool, &text).expect("only accepted lint");
+    let file = data_dir().join("drbd-utils_events2-sync.txt");
+    promtool_expect(&promtool_path, &exposition(&file, true), UPSTREAM_LINT)
+        .expect("exactly the two upstream findings");
+    promtool_expect(
+        &promtool_path,
+        &exposition_with(&file, true, PeerByteCounters::Total),
+        &[],
+    )
+    .expect("no finding with peerByteCounters: total");
+    // `both` carries the upstream names, so their two findings too.
+    promtool_expect(
+        &promtool_path,
+        &exposition_with(&file, true, PeerByteCounters::Both),
+        UPSTREAM_LINT,
+    )
+    .expect("exactly the two upstream findings with both");
 }

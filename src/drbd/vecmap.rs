@@ -2,13 +2,18 @@
 //!
 //! A resource has a handful of volumes and peers; a `BTreeMap` node is sized for eleven entries, which
 //! made each resource (and each copy-on-write copy of it) several times larger than its data.
+//!
+//! Values are kept behind `Arc`s, so cloning a map (and so a `Resource` that subscribers share) copies
+//! pointers, not devices and connections; a value is copied only when it is changed while shared
+//! (`get_mut` and the other `_mut` methods copy on write). Readers see plain `&V`.
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use std::fmt;
+use std::sync::Arc;
 
 #[derive(Clone, PartialEq)]
 pub struct VecMap<V> {
-    entries: Vec<(u32, V)>,
+    entries: Vec<(u32, Arc<V>)>,
 }
 
 impl<V> Default for VecMap<V> {
@@ -29,43 +34,11 @@ impl<V> VecMap<V> {
     }
 
     pub fn get(&self, k: &u32) -> Option<&V> {
-        self.find(*k).ok().map(|i| &self.entries[i].1)
-    }
-
-    pub fn get_mut(&mut self, k: &u32) -> Option<&mut V> {
-        match self.find(*k) {
-            Ok(i) => Some(&mut self.entries[i].1),
-            Err(_) => None,
-        }
+        self.find(*k).ok().map(|i| &*self.entries[i].1)
     }
 
     pub fn contains_key(&self, k: &u32) -> bool {
         self.find(*k).is_ok()
-    }
-
-    pub fn insert(&mut self, k: u32, v: V) -> Option<V> {
-        match self.find(k) {
-            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, v)),
-            Err(i) => {
-                self.entries.insert(i, (k, v));
-                None
-            }
-        }
-    }
-
-    pub fn remove(&mut self, k: &u32) -> Option<V> {
-        self.find(*k).ok().map(|i| self.entries.remove(i).1)
-    }
-
-    /// The value under `k`, inserted by `f` when absent; the flag tells whether it was inserted.
-    pub fn get_or_insert_with(&mut self, k: u32, f: impl FnOnce() -> V) -> (&mut V, bool) {
-        match self.find(k) {
-            Ok(i) => (&mut self.entries[i].1, false),
-            Err(i) => {
-                self.entries.insert(i, (k, f()));
-                (&mut self.entries[i].1, true)
-            }
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -81,21 +54,75 @@ impl<V> VecMap<V> {
     }
 
     pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
-        self.entries.iter().map(|(_, v)| v)
-    }
-
-    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
-        self.entries.iter_mut().map(|(_, v)| v)
+        self.entries.iter().map(|(_, v)| &**v)
     }
 
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&u32, &V)> + ExactSizeIterator {
-        self.entries.iter().map(|(k, v)| (k, v))
+        self.entries.iter().map(|(k, v)| (k, &**v))
+    }
+
+    /// Whether the value under `k` is the very same (shared) object in both maps: then it is equal too.
+    pub fn same(&self, other: &VecMap<V>, k: &u32) -> bool {
+        match (self.find(*k), other.find(*k)) {
+            (Ok(a), Ok(b)) => Arc::ptr_eq(&self.entries[a].1, &other.entries[b].1),
+            _ => false,
+        }
+    }
+}
+
+fn unshare<V: Clone>(v: Arc<V>) -> V {
+    Arc::try_unwrap(v).unwrap_or_else(|v| (*v).clone())
+}
+
+/// Changing methods: a value shared with a clone of the map is copied first.
+impl<V: Clone> VecMap<V> {
+    pub fn get_mut(&mut self, k: &u32) -> Option<&mut V> {
+        match self.find(*k) {
+            Ok(i) => Some(Arc::make_mut(&mut self.entries[i].1)),
+            Err(_) => None,
+        }
+    }
+
+    pub fn insert(&mut self, k: u32, v: V) -> Option<V> {
+        match self.find(k) {
+            Ok(i) => Some(unshare(std::mem::replace(
+                &mut self.entries[i].1,
+                Arc::new(v),
+            ))),
+            Err(i) => {
+                self.entries.insert(i, (k, Arc::new(v)));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, k: &u32) -> Option<V> {
+        self.find(*k)
+            .ok()
+            .map(|i| unshare(self.entries.remove(i).1))
+    }
+
+    /// The value under `k`, inserted by `f` when absent; the flag tells whether it was inserted.
+    pub fn get_or_insert_with(&mut self, k: u32, f: impl FnOnce() -> V) -> (&mut V, bool) {
+        match self.find(k) {
+            Ok(i) => (Arc::make_mut(&mut self.entries[i].1), false),
+            Err(i) => {
+                self.entries.insert(i, (k, Arc::new(f())));
+                (Arc::make_mut(&mut self.entries[i].1), true)
+            }
+        }
+    }
+
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
+        self.entries.iter_mut().map(|(_, v)| Arc::make_mut(v))
     }
 
     pub fn iter_mut(
         &mut self,
     ) -> impl DoubleEndedIterator<Item = (&u32, &mut V)> + ExactSizeIterator {
-        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+        self.entries
+            .iter_mut()
+            .map(|(k, v)| (&*k, Arc::make_mut(v)))
     }
 }
 
@@ -106,7 +133,7 @@ impl<V> std::ops::Index<&u32> for VecMap<V> {
     }
 }
 
-impl<V> FromIterator<(u32, V)> for VecMap<V> {
+impl<V: Clone> FromIterator<(u32, V)> for VecMap<V> {
     fn from_iter<I: IntoIterator<Item = (u32, V)>>(it: I) -> Self {
         let mut m = VecMap::new();
         for (k, v) in it {
@@ -155,5 +182,26 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"0":"z","2":"B","3":"c"}"#
         );
+    }
+
+    #[test]
+    fn clones_share_values_until_one_is_changed() {
+        let mut a: VecMap<String> = [(1, "x".to_string()), (2, "y".to_string())]
+            .into_iter()
+            .collect();
+        let b = a.clone();
+        assert!(a.same(&b, &1) && a.same(&b, &2));
+        a.get_mut(&2).unwrap().push('!');
+        assert!(a.same(&b, &1), "untouched values stay shared");
+        assert!(!a.same(&b, &2));
+        assert_eq!((b[&2].as_str(), a[&2].as_str()), ("y", "y!"));
+        // A value nobody shares is changed in place.
+        let before = a.get(&2).unwrap() as *const String;
+        a.get_mut(&2).unwrap().push('?');
+        assert_eq!(a.get(&2).unwrap() as *const String, before);
+        // Removing a shared value hands out a copy and leaves the other map intact.
+        let mut c = b.clone();
+        assert_eq!(c.remove(&1).as_deref(), Some("x"));
+        assert_eq!(b.get(&1).map(String::as_str), Some("x"));
     }
 }

@@ -19,12 +19,27 @@ enum ObjKey {
     Path(Arc<str>, u32, String, String),
 }
 
+/// One resource in the state: its name (shared with dirty lists and updates), its current state, and
+/// whether it was touched since the last [`State::take_dirty`].
+#[derive(Debug)]
+struct Slot {
+    key: Arc<str>,
+    res: Arc<Resource>,
+    dirty: bool,
+}
+
 /// The state of every resource plus what is needed to turn events into updates.
+///
+/// Resources live in a slab indexed by name, so applying a line costs one hash lookup: the slot found
+/// carries the shared name and the touched flag as well.
 #[derive(Debug, Default)]
 pub struct State {
-    resources: HashMap<Arc<str>, Arc<Resource>>,
-    /// Resources touched since the last [`State::take_dirty`].
-    dirty: HashSet<Arc<str>>,
+    index: HashMap<Arc<str>, usize>,
+    slots: Vec<Slot>,
+    /// Resources touched since the last [`State::take_dirty`], each once, in the order first touched.
+    dirty: Vec<Arc<str>>,
+    /// Names in `dirty` that have no slot (destroyed, or never existed).
+    dirty_gone: HashSet<Arc<str>>,
     /// Set while an `exists` dump after a drbdsetup restart is being read.
     resync: Option<HashSet<ObjKey>>,
     initial_dump_complete: bool,
@@ -36,15 +51,15 @@ impl State {
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
-        self.resources.get(name)
+        self.index.get(name).map(|&i| &self.slots[i].res)
     }
 
     pub fn len(&self) -> usize {
-        self.resources.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.resources.is_empty()
+        self.slots.is_empty()
     }
 
     pub fn initial_dump_complete(&self) -> bool {
@@ -53,23 +68,45 @@ impl State {
 
     /// Every resource, sorted by name; cheap (shared pointers).
     pub fn snapshot(&self) -> Vec<Arc<Resource>> {
-        let mut v: Vec<_> = self.resources.values().cloned().collect();
+        let mut v: Vec<_> = self.slots.iter().map(|s| s.res.clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Names of every resource, sorted.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<_> = self.slots.iter().map(|s| s.key.clone()).collect();
+        v.sort();
         v
     }
 
     /// Names of resources touched since the last call, each with its current state (`None` = gone).
     pub fn take_dirty(&mut self) -> Vec<(Arc<str>, Option<Arc<Resource>>)> {
-        let mut out: Vec<_> = self.dirty.drain().map(|n| (n, None)).collect();
-        for (n, r) in out.iter_mut() {
-            *r = self.resources.get(n).cloned();
+        let names = self.take_dirty_names();
+        names
+            .into_iter()
+            .map(|n| {
+                let r = self.get(&n).cloned();
+                (n, r)
+            })
+            .collect()
+    }
+
+    /// Names of resources touched since the last call (each once), without their states: for
+    /// subscribers that fetch the states when they read them.
+    pub fn take_dirty_names(&mut self) -> Vec<Arc<str>> {
+        for n in &self.dirty {
+            if let Some(&i) = self.index.get(n) {
+                self.slots[i].dirty = false;
+            }
         }
-        out
+        self.dirty_gone.clear();
+        std::mem::take(&mut self.dirty)
     }
 
     /// Forgets which resources were touched (nobody wants every-event notifications).
     pub fn clear_dirty(&mut self) -> Vec<(Arc<str>, Option<Arc<Resource>>)> {
-        self.dirty.clear();
+        self.take_dirty_names();
         Vec::new()
     }
 
@@ -80,22 +117,88 @@ impl State {
         self.resync = Some(HashSet::new());
     }
 
-    fn key(&self, name: &str) -> Arc<str> {
-        match self.resources.get_key_value(name) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(name),
+    fn mark_slot(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(s.key.clone());
         }
+    }
+
+    /// Marks a name touched whether or not the resource exists; returns its slot if it does.
+    fn mark_name(&mut self, name: &str) -> Option<usize> {
+        match self.index.get(name) {
+            Some(&i) => {
+                self.mark_slot(i);
+                Some(i)
+            }
+            None => {
+                if !self.dirty_gone.contains(name) {
+                    let k: Arc<str> = Arc::from(name);
+                    self.dirty_gone.insert(k.clone());
+                    self.dirty.push(k);
+                }
+                None
+            }
+        }
+    }
+
+    /// The slot of `name`, created when absent, marked touched; and whether it was created.
+    fn slot(&mut self, name: &str) -> (usize, bool) {
+        if let Some(&i) = self.index.get(name) {
+            self.mark_slot(i);
+            return (i, false);
+        }
+        let key: Arc<str> = match self.dirty_gone.take(name) {
+            Some(k) => k, // already listed in `dirty`
+            None => {
+                let k: Arc<str> = Arc::from(name);
+                self.dirty.push(k.clone());
+                k
+            }
+        };
+        self.insert_slot(key, Arc::new(Resource::new(name)));
+        (self.slots.len() - 1, true)
+    }
+
+    /// Adds a slot (touched; the caller has listed the name in `dirty`); replaces a slot of that name.
+    fn insert_slot(&mut self, key: Arc<str>, res: Arc<Resource>) {
+        if let Some(&i) = self.index.get(&key) {
+            self.slots[i].res = res;
+            self.slots[i].dirty = true;
+            return;
+        }
+        self.index.insert(key.clone(), self.slots.len());
+        self.slots.push(Slot {
+            key,
+            res,
+            dirty: true,
+        });
+    }
+
+    /// Removes a resource; its name stays listed as touched.
+    fn remove_slot(&mut self, name: &str) -> Option<(Arc<str>, Arc<Resource>)> {
+        let i = self.index.remove(name)?;
+        let s = self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            if let Some(j) = self.index.get_mut(&moved.key) {
+                *j = i;
+            }
+        }
+        if !s.dirty {
+            self.dirty.push(s.key.clone());
+        }
+        self.dirty_gone.insert(s.key.clone());
+        Some((s.key, s.res))
+    }
+
+    fn res_mut(&mut self, i: usize) -> &mut Resource {
+        Arc::make_mut(&mut self.slots[i].res)
     }
 
     fn seen(&mut self, k: impl FnOnce() -> ObjKey) {
         if let Some(seen) = &mut self.resync {
             seen.insert(k());
-        }
-    }
-
-    fn mark(&mut self, name: &Arc<str>) {
-        if !self.dirty.contains(name) {
-            self.dirty.insert(name.clone());
         }
     }
 
@@ -105,8 +208,7 @@ impl State {
             Body::InitialStateDone => return self.finish_dump(out),
             Body::Event(ev) => ev,
         };
-        let name = self.key(ev.object.resource_name());
-        self.mark(&name);
+        let name = ev.object.resource_name();
         match &ev.object {
             Object::Resource(f) => self.apply_resource(ev.verb, name, f, &ev.extra, out),
             Object::Device(f) => self.apply_device(ev.verb, name, f, &ev.extra, out),
@@ -117,48 +219,36 @@ impl State {
         }
     }
 
-    fn res_mut(&mut self, name: &Arc<str>) -> (&mut Resource, bool) {
-        let mut created = false;
-        let arc = self.resources.entry(name.clone()).or_insert_with(|| {
-            created = true;
-            Arc::new(Resource::new(name))
-        });
-        (Arc::make_mut(arc), created)
-    }
-
-    fn snap(&self, name: &Arc<str>) -> Arc<Resource> {
-        self.resources
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Resource::new(name)))
-    }
-
-    fn push(&self, out: &mut Vec<Update>, event: EventType, name: &Arc<str>, change: Change) {
+    /// An update about the resource in slot `i`, carrying its current state.
+    fn push(&self, out: &mut Vec<Update>, event: EventType, i: usize, change: Change) {
+        let s = &self.slots[i];
         out.push(Update {
             event,
-            resource: name.to_string(),
+            resource: s.key.to_string(),
             change,
-            state: self.snap(name),
+            state: s.res.clone(),
         });
     }
 
     fn apply_resource(
         &mut self,
         verb: Verb,
-        name: Arc<str>,
+        name: &str,
         f: &ResourceFields,
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
         match verb {
             Verb::Destroy => {
-                if let Some(r) = self.resources.get(&name).cloned() {
-                    self.destroy_children(&name, &r, out);
-                    let state = self.resources.remove(&name).unwrap_or(r);
+                let Some(i) = self.mark_name(name) else {
+                    return;
+                };
+                self.destroy_children(i, out);
+                if let Some((key, state)) = self.remove_slot(name) {
                     let old = ResourceState::from(&*state);
                     out.push(Update {
                         event: Verb::Destroy,
-                        resource: name.to_string(),
+                        resource: key.to_string(),
                         change: Change::Resource {
                             old,
                             new: ResourceState::default(),
@@ -168,25 +258,30 @@ impl State {
                 }
             }
             Verb::Rename => {
+                self.mark_name(name);
                 let Some(new_name) = f.new_name else { return };
-                if let Some(mut arc) = self.resources.remove(&name) {
+                if let Some((_, mut arc)) = self.remove_slot(name) {
                     Arc::make_mut(&mut arc).name = new_name.to_string();
-                    let new_key: Arc<str> = Arc::from(new_name);
-                    self.resources.insert(new_key.clone(), arc);
-                    self.mark(&new_key);
-                    out.push(Update {
-                        event: Verb::Rename,
-                        resource: name.to_string(),
-                        change: Change::Rename {
+                    let (i, _) = self.slot(new_name);
+                    self.slots[i].res = arc;
+                    self.push(
+                        out,
+                        Verb::Rename,
+                        i,
+                        Change::Rename {
                             new_name: new_name.to_string(),
                         },
-                        state: self.snap(&new_key),
-                    });
+                    );
+                    // The update names the old resource.
+                    if let Some(u) = out.last_mut() {
+                        u.resource = name.to_string();
+                    }
                 }
             }
             _ => {
-                self.seen(|| ObjKey::Resource(name.clone()));
-                let (r, created) = self.res_mut(&name);
+                let (i, created) = self.slot(name);
+                self.seen(|| ObjKey::Resource(Arc::from(name)));
+                let r = self.res_mut(i);
                 let old = if created {
                     ResourceState::default()
                 } else {
@@ -195,7 +290,7 @@ impl State {
                 r.merge(f, extra);
                 let new = ResourceState::from(&*r);
                 if created || old != new {
-                    self.push(out, verb, &name, Change::Resource { old, new });
+                    self.push(out, verb, i, Change::Resource { old, new });
                 }
             }
         }
@@ -203,27 +298,28 @@ impl State {
 
     /// Destroy updates for children still present when their parent goes (DRBD destroys children
     /// first, but a stream cut short or a vanished object after a restart may not).
-    fn destroy_children(&mut self, name: &Arc<str>, r: &Resource, out: &mut Vec<Update>) {
+    fn destroy_children(&mut self, i: usize, out: &mut Vec<Update>) {
+        let r = self.slots[i].res.clone();
         for c in r.connections.values() {
-            self.destroy_connection(name, c.peer_node_id, out);
+            self.destroy_connection(i, c.peer_node_id, out);
         }
         for vol in r.devices.keys() {
-            self.destroy_device(name, *vol, out);
+            self.destroy_device(i, *vol, out);
         }
     }
 
-    fn destroy_device(&mut self, name: &Arc<str>, volume: u32, out: &mut Vec<Update>) {
-        let Some(arc) = self.resources.get_mut(name) else {
+    fn destroy_device(&mut self, i: usize, volume: u32, out: &mut Vec<Update>) {
+        if !self.slots[i].res.devices.contains_key(&volume) {
             return;
-        };
-        let Some(d) = Arc::make_mut(arc).devices.remove(&volume) else {
+        }
+        let Some(d) = self.res_mut(i).devices.remove(&volume) else {
             return;
         };
         let old = DeviceState::from(&d);
         self.push(
             out,
             Verb::Destroy,
-            name,
+            i,
             Change::Device {
                 volume,
                 old,
@@ -232,29 +328,22 @@ impl State {
         );
     }
 
-    fn destroy_connection(&mut self, name: &Arc<str>, peer: u32, out: &mut Vec<Update>) {
-        let Some(arc) = self.resources.get_mut(name) else {
-            return;
-        };
-        let r = Arc::make_mut(arc);
-        let Some(c) = r.connections.get(&peer) else {
+    fn destroy_connection(&mut self, i: usize, peer: u32, out: &mut Vec<Update>) {
+        let Some(c) = self.slots[i].res.connections.get(&peer) else {
             return;
         };
         let vols: Vec<u32> = c.peer_devices.keys().copied().collect();
         for v in vols {
-            self.destroy_peer_device(name, peer, v, out);
+            self.destroy_peer_device(i, peer, v, out);
         }
-        let Some(arc) = self.resources.get_mut(name) else {
-            return;
-        };
-        let Some(c) = Arc::make_mut(arc).connections.remove(&peer) else {
+        let Some(c) = self.res_mut(i).connections.remove(&peer) else {
             return;
         };
         let old = ConnectionState::from(&c);
         self.push(
             out,
             Verb::Destroy,
-            name,
+            i,
             Change::Connection {
                 peer_node_id: peer,
                 old,
@@ -263,27 +352,28 @@ impl State {
         );
     }
 
-    fn destroy_peer_device(
-        &mut self,
-        name: &Arc<str>,
-        peer: u32,
-        volume: u32,
-        out: &mut Vec<Update>,
-    ) {
-        let Some(arc) = self.resources.get_mut(name) else {
+    fn destroy_peer_device(&mut self, i: usize, peer: u32, volume: u32, out: &mut Vec<Update>) {
+        let present = self.slots[i]
+            .res
+            .connections
+            .get(&peer)
+            .is_some_and(|c| c.peer_devices.contains_key(&volume));
+        if !present {
             return;
-        };
-        let Some(c) = Arc::make_mut(arc).connections.get_mut(&peer) else {
-            return;
-        };
-        let Some(p) = c.peer_devices.remove(&volume) else {
+        }
+        let Some(p) = self
+            .res_mut(i)
+            .connections
+            .get_mut(&peer)
+            .and_then(|c| c.peer_devices.remove(&volume))
+        else {
             return;
         };
         let old = PeerDeviceState::from(&p);
         self.push(
             out,
             Verb::Destroy,
-            name,
+            i,
             Change::PeerDevice {
                 peer_node_id: peer,
                 volume,
@@ -296,17 +386,21 @@ impl State {
     fn apply_device(
         &mut self,
         verb: Verb,
-        name: Arc<str>,
+        name: &str,
         f: &DeviceFields,
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
         if verb == Verb::Destroy {
-            return self.destroy_device(&name, f.volume, out);
+            if let Some(i) = self.mark_name(name) {
+                self.destroy_device(i, f.volume, out);
+            }
+            return;
         }
-        self.seen(|| ObjKey::Device(name.clone(), f.volume));
-        let (r, _) = self.res_mut(&name);
-        let (d, created) = r
+        let (i, _) = self.slot(name);
+        self.seen(|| ObjKey::Device(Arc::from(name), f.volume));
+        let (d, created) = self
+            .res_mut(i)
             .devices
             .get_or_insert_with(f.volume, || Device::new(f.volume));
         let old = if created {
@@ -320,7 +414,7 @@ impl State {
             self.push(
                 out,
                 verb,
-                &name,
+                i,
                 Change::Device {
                     volume: f.volume,
                     old,
@@ -333,18 +427,23 @@ impl State {
     fn apply_connection(
         &mut self,
         verb: Verb,
-        name: Arc<str>,
+        name: &str,
         f: &ConnectionFields,
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
-        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
         if verb == Verb::Destroy {
-            return self.destroy_connection(&name, peer, out);
+            if let Some(i) = self.mark_name(name) {
+                let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+                self.destroy_connection(i, peer, out);
+            }
+            return;
         }
-        self.seen(|| ObjKey::Connection(name.clone(), peer));
-        let (r, _) = self.res_mut(&name);
-        let (c, created) = r
+        let (i, _) = self.slot(name);
+        let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        self.seen(|| ObjKey::Connection(Arc::from(name), peer));
+        let (c, created) = self
+            .res_mut(i)
             .connections
             .get_or_insert_with(peer, || Connection::new(peer));
         let old = if created {
@@ -358,7 +457,7 @@ impl State {
             self.push(
                 out,
                 verb,
-                &name,
+                i,
                 Change::Connection {
                     peer_node_id: peer,
                     old,
@@ -370,14 +469,11 @@ impl State {
 
     /// The peer node id of a line; old output without ids names the peer by `conn-name` only, and such a
     /// peer gets a stable local id above any real DRBD node id (0..=31).
-    fn resolve_peer(&self, name: &str, id: Option<u32>, conn_name: Option<&str>) -> u32 {
+    fn resolve_peer(r: &Resource, id: Option<u32>, conn_name: Option<&str>) -> u32 {
         if let Some(id) = id {
             return id;
         }
         let conn_name = conn_name.unwrap_or_default();
-        let Some(r) = self.resources.get(name) else {
-            return LEGACY_PEER_ID_BASE;
-        };
         if let Some(c) = r.connections.values().find(|c| c.conn_name == conn_name) {
             return c.peer_node_id;
         }
@@ -404,18 +500,22 @@ impl State {
     fn apply_peer_device(
         &mut self,
         verb: Verb,
-        name: Arc<str>,
+        name: &str,
         f: &PeerDeviceFields,
         extra: &[(&str, &str)],
         out: &mut Vec<Update>,
     ) {
-        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
         if verb == Verb::Destroy {
-            return self.destroy_peer_device(&name, peer, f.volume, out);
+            if let Some(i) = self.mark_name(name) {
+                let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+                self.destroy_peer_device(i, peer, f.volume, out);
+            }
+            return;
         }
-        self.seen(|| ObjKey::PeerDevice(name.clone(), peer, f.volume));
-        let (r, _) = self.res_mut(&name);
-        let c = Self::conn_mut(r, peer, f.conn_name);
+        let (i, _) = self.slot(name);
+        let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        self.seen(|| ObjKey::PeerDevice(Arc::from(name), peer, f.volume));
+        let c = Self::conn_mut(self.res_mut(i), peer, f.conn_name);
         let (p, created) = c
             .peer_devices
             .get_or_insert_with(f.volume, || PeerDevice::new(f.volume));
@@ -430,7 +530,7 @@ impl State {
             self.push(
                 out,
                 verb,
-                &name,
+                i,
                 Change::PeerDevice {
                     peer_node_id: peer,
                     volume: f.volume,
@@ -441,20 +541,35 @@ impl State {
         }
     }
 
-    fn apply_path(&mut self, verb: Verb, name: Arc<str>, f: &PathFields) {
-        let peer = self.resolve_peer(&name, f.peer_node_id, f.conn_name);
+    fn apply_path(&mut self, verb: Verb, name: &str, f: &PathFields) {
         if verb == Verb::Destroy {
-            if let Some(arc) = self.resources.get_mut(&name) {
-                if let Some(c) = Arc::make_mut(arc).connections.get_mut(&peer) {
+            if let Some(i) = self.mark_name(name) {
+                let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+                let present = self.slots[i].res.connections.get(&peer).is_some_and(|c| {
                     c.paths
-                        .retain(|p| !(p.local == f.local && p.peer == f.peer));
+                        .iter()
+                        .any(|p| p.local == f.local && p.peer == f.peer)
+                });
+                if present {
+                    if let Some(c) = self.res_mut(i).connections.get_mut(&peer) {
+                        c.paths
+                            .retain(|p| !(p.local == f.local && p.peer == f.peer));
+                    }
                 }
             }
             return;
         }
-        self.seen(|| ObjKey::Path(name.clone(), peer, f.local.to_string(), f.peer.to_string()));
-        let (r, _) = self.res_mut(&name);
-        let c = Self::conn_mut(r, peer, f.conn_name);
+        let (i, _) = self.slot(name);
+        let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        self.seen(|| {
+            ObjKey::Path(
+                Arc::from(name),
+                peer,
+                f.local.to_string(),
+                f.peer.to_string(),
+            )
+        });
+        let c = Self::conn_mut(self.res_mut(i), peer, f.conn_name);
         // The kernel may not send `exists` for paths: a `change path` for an unknown path creates it.
         let p = match c
             .paths
@@ -472,13 +587,8 @@ impl State {
         }
     }
 
-    fn apply_helper(
-        &mut self,
-        verb: Verb,
-        name: Arc<str>,
-        f: &HelperFields,
-        out: &mut Vec<Update>,
-    ) {
+    fn apply_helper(&mut self, verb: Verb, name: &str, f: &HelperFields, out: &mut Vec<Update>) {
+        self.mark_name(name);
         let change = Change::Helper {
             helper: f.helper.to_string(),
             peer_node_id: f.peer_node_id,
@@ -487,7 +597,16 @@ impl State {
             minor: f.minor,
             status: f.status,
         };
-        self.push(out, verb, &name, change);
+        let state = self
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Resource::new(name)));
+        out.push(Update {
+            event: verb,
+            resource: name.to_string(),
+            change,
+            state,
+        });
     }
 
     /// `exists -`: the dump is complete; after a restart, whatever it did not mention is gone.
@@ -496,32 +615,26 @@ impl State {
         let Some(seen) = self.resync.take() else {
             return;
         };
-        let mut names: Vec<Arc<str>> = self.resources.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let r = self.resources[&name].clone();
+        for name in self.names() {
             if !seen.contains(&ObjKey::Resource(name.clone())) {
-                self.mark(&name);
-                self.apply_resource(
-                    Verb::Destroy,
-                    name.clone(),
-                    &ResourceFields::default(),
-                    &[],
-                    out,
-                );
+                self.apply_resource(Verb::Destroy, &name, &ResourceFields::default(), &[], out);
                 continue;
             }
+            let Some(&i) = self.index.get(&name) else {
+                continue;
+            };
+            let r = self.slots[i].res.clone();
             for c in r.connections.values() {
                 let peer = c.peer_node_id;
                 if !seen.contains(&ObjKey::Connection(name.clone(), peer)) {
-                    self.mark(&name);
-                    self.destroy_connection(&name, peer, out);
+                    self.mark_slot(i);
+                    self.destroy_connection(i, peer, out);
                     continue;
                 }
                 for v in c.peer_devices.keys() {
                     if !seen.contains(&ObjKey::PeerDevice(name.clone(), peer, *v)) {
-                        self.mark(&name);
-                        self.destroy_peer_device(&name, peer, *v, out);
+                        self.mark_slot(i);
+                        self.destroy_peer_device(i, peer, *v, out);
                     }
                 }
                 for p in &c.paths {
@@ -531,7 +644,6 @@ impl State {
                         p.local.clone(),
                         p.peer.clone(),
                     )) {
-                        self.mark(&name);
                         let f = PathFields {
                             name: &name,
                             peer_node_id: Some(peer),
@@ -539,14 +651,14 @@ impl State {
                             peer: &p.peer,
                             ..Default::default()
                         };
-                        self.apply_path(Verb::Destroy, name.clone(), &f);
+                        self.apply_path(Verb::Destroy, &name, &f);
                     }
                 }
             }
             for v in r.devices.keys() {
                 if !seen.contains(&ObjKey::Device(name.clone(), *v)) {
-                    self.mark(&name);
-                    self.destroy_device(&name, *v, out);
+                    self.mark_slot(i);
+                    self.destroy_device(i, *v, out);
                 }
             }
         }
@@ -594,5 +706,105 @@ impl State {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drbd::events2::parse_line;
+    use crate::drbd::types::{ReplState, Role};
+
+    fn apply(s: &mut State, lines: &str) -> Vec<Update> {
+        let mut out = Vec::new();
+        for l in lines.lines() {
+            s.apply(&parse_line(l).expect("valid line"), &mut out);
+        }
+        out
+    }
+
+    fn dirty(s: &mut State) -> Vec<(String, bool)> {
+        let mut v: Vec<_> = s
+            .take_dirty()
+            .into_iter()
+            .map(|(n, r)| (n.to_string(), r.is_some()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn touched_names_are_listed_once_whatever_happened_to_them() {
+        let mut s = State::new();
+        apply(
+            &mut s,
+            "exists resource name:a role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             exists device name:a volume:0 minor:1 disk:UpToDate client:no quorum:yes\n\
+             exists resource name:b role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             change device name:a volume:0 minor:1 disk:Outdated client:no quorum:yes",
+        );
+        assert_eq!(dirty(&mut s), [("a".into(), true), ("b".into(), true)]);
+        assert!(dirty(&mut s).is_empty());
+        // destroyed, created again, destroyed again; renamed; a helper of an unknown resource
+        apply(
+            &mut s,
+            "destroy device name:a volume:0\n\
+             destroy resource name:a\n\
+             create resource name:a role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             destroy resource name:a\n\
+             rename resource name:b new_name:c\n\
+             call helper name:x volume:0 helper:before-resync-target",
+        );
+        assert_eq!(
+            dirty(&mut s),
+            [
+                ("a".into(), false),
+                ("b".into(), false),
+                ("c".into(), true),
+                ("x".into(), false)
+            ]
+        );
+        assert_eq!(s.names(), [Arc::<str>::from("c")]);
+        assert_eq!(s.get("c").map(|r| r.name.as_str()), Some("c"));
+        // the slab keeps its index right after removals
+        apply(
+            &mut s,
+            "create resource name:d role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             create resource name:e role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             destroy resource name:c\n\
+             change resource name:e role:Primary suspended:no may_promote:no promotion_score:0",
+        );
+        assert_eq!(s.names(), [Arc::<str>::from("d"), Arc::from("e")]);
+        assert_eq!(s.get("e").map(|r| r.role.clone()), Some(Role::Primary));
+        assert_eq!(s.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn a_shared_snapshot_is_copied_not_changed() {
+        let mut s = State::new();
+        apply(
+            &mut s,
+            "exists resource name:a role:Secondary suspended:no may_promote:no promotion_score:0\n\
+             exists connection name:a peer-node-id:1 conn-name:p connection:Connected role:Secondary congested:no\n\
+             exists peer-device name:a peer-node-id:1 conn-name:p volume:0 replication:Established peer-disk:UpToDate\n\
+             exists device name:a volume:0 minor:1 disk:UpToDate client:no quorum:yes",
+        );
+        let before = s.get("a").cloned().expect("a");
+        apply(
+            &mut s,
+            "change peer-device name:a peer-node-id:1 conn-name:p volume:0 replication:SyncSource peer-disk:Inconsistent",
+        );
+        let after = s.get("a").cloned().expect("a");
+        assert_eq!(
+            before.connections[&1].peer_devices[&0].replication,
+            ReplState::Established
+        );
+        assert_eq!(
+            after.connections[&1].peer_devices[&0].replication,
+            ReplState::SyncSource
+        );
+        // the untouched device is shared between both versions, not copied
+        assert!(after.devices.same(&before.devices, &0));
+        assert!(!after.connections.same(&before.connections, &1));
     }
 }

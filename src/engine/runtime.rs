@@ -15,7 +15,8 @@ use super::Engine;
 use crate::drbd::state::Resource;
 use crate::metrics::AgentMetrics;
 use crate::plugins::{
-    channel, DetailHandle, InstanceId, InstanceSpec, Outbox, PluginCtx, PluginFactory, Subscription,
+    channel, channel_with, DetailHandle, FetchRequests, InstanceId, InstanceSpec, Outbox,
+    PluginCtx, PluginFactory, Subscription,
 };
 use futures::FutureExt;
 use serde::Serialize;
@@ -215,6 +216,8 @@ pub struct Runtime {
     exit_rx: mpsc::UnboundedReceiver<Exited>,
     /// Tasks of instances that were stopped and are running their exit actions.
     stopping: Vec<(InstanceId, JoinHandle<()>)>,
+    /// Every-event readers asking for the states of the names posted to them.
+    fetch: Arc<FetchRequests>,
 }
 
 /// Starts the engine task. Returns its handle and the task.
@@ -250,6 +253,7 @@ impl Runtime {
             exit_tx,
             exit_rx,
             stopping: Vec::new(),
+            fetch: Arc::new(FetchRequests::default()),
         }
     }
 
@@ -259,6 +263,7 @@ impl Runtime {
         mut source: mpsc::Receiver<SourceMsg>,
     ) {
         let mut source_open = true;
+        let fetch = self.fetch.clone();
         loop {
             let next_restart = self.instances.values().filter_map(|i| i.restart_at).min();
             tokio::select! {
@@ -282,6 +287,7 @@ impl Runtime {
                     }
                 },
                 Some(e) = self.exit_rx.recv() => self.on_exit(e),
+                _ = fetch.requested() => self.serve_fetches(),
                 _ = sleep_until_opt(next_restart) => self.restart_due(),
                 m = source.recv(), if source_open => match m {
                     Some(m) => self.on_source(m),
@@ -330,6 +336,9 @@ impl Runtime {
             .store(done, Ordering::Relaxed);
         self.metrics.initial_dump_complete.set(done as i64);
         self.fan_out(out);
+        if self.fetch.take() {
+            self.serve_fetches();
+        }
         self.metrics
             .batch_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -341,11 +350,15 @@ impl Runtime {
             .instances
             .values()
             .any(|i| i.sub.events && i.state == InstanceState::Running);
+        // Names only: each reader fetches the states when it is ready for them (see `Mailbox`).
         let dirty = if want_events {
-            self.engine.state.take_dirty()
+            self.engine.state.take_dirty_names()
         } else {
-            self.engine.state.clear_dirty()
+            self.engine.state.clear_dirty();
+            Vec::new()
         };
+        let state = &self.engine.state;
+        let lookup = |n: &str| state.get(n).cloned();
         let max = self.cfg.max_queued;
         let mut overrun = Vec::new();
         for (id, inst) in self.instances.iter() {
@@ -362,7 +375,7 @@ impl Runtime {
                 }
             }
             if inst.sub.events {
-                inst.outbox.post(&dirty);
+                inst.outbox.post_names(&dirty, &lookup);
             }
         }
         for (id, q) in overrun {
@@ -373,6 +386,24 @@ impl Runtime {
                 format!("overrun: {q} change updates queued (limit {max})"),
             );
         }
+    }
+
+    /// Fills in the states every-event readers asked for.
+    fn serve_fetches(&self) {
+        let state = &self.engine.state;
+        let lookup = |n: &str| state.get(n).cloned();
+        for inst in self.instances.values() {
+            if inst.sub.events {
+                inst.outbox.fill(&lookup, false);
+            }
+        }
+    }
+
+    /// Closes an instance's inbox after filling in every state its reader has yet to fetch, so that it
+    /// sees the last state before its exit actions.
+    fn close_outbox(state: &super::apply::State, outbox: &mut Outbox) {
+        outbox.fill(&|n: &str| state.get(n).cloned(), true);
+        outbox.close();
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -436,7 +467,7 @@ impl Runtime {
                 Ok(plugin) => {
                     let prev_task = match self.instances.remove(&id) {
                         Some(mut old) => {
-                            old.outbox.close();
+                            Self::close_outbox(&self.engine.state, &mut old.outbox);
                             report.stopped.push(id.clone());
                             old.task.take()
                         }
@@ -514,21 +545,15 @@ impl Runtime {
         restarts: u32,
         last_error: Option<String>,
     ) -> Instance {
-        let (outbox, inbox) = channel(sub);
+        let (outbox, inbox) = channel_with(sub, Some(self.fetch.clone()));
         if sub.changes {
             for u in self.engine.state.replay() {
                 outbox.send(&Arc::new(u));
             }
         }
         if sub.events {
-            let all: Vec<_> = self
-                .engine
-                .state
-                .snapshot()
-                .into_iter()
-                .map(|r| (Arc::from(r.name.as_str()), Some(r)))
-                .collect();
-            outbox.post(&all);
+            let state = &self.engine.state;
+            outbox.post_names(&state.names(), &|n: &str| state.get(n).cloned());
         }
         let generation = self.next_generation;
         self.next_generation += 1;
@@ -579,7 +604,7 @@ impl Runtime {
 
     /// Stops an instance that is no longer wanted: it drains its queue, runs its exit actions, ends.
     fn retire(&mut self, mut inst: Instance) {
-        inst.outbox.close();
+        Self::close_outbox(&self.engine.state, &mut inst.outbox);
         tracing::info!(instance = %inst.spec.id, "stopping plugin instance");
         if let Some(t) = inst.task.take() {
             self.stopping.push((inst.spec.id.clone(), t));
@@ -697,7 +722,7 @@ impl Runtime {
         let mut insts: Vec<Instance> = std::mem::take(&mut self.instances).into_values().collect();
         insts.sort_by_key(|i| std::cmp::Reverse(i.seq));
         for mut inst in insts {
-            inst.outbox.close();
+            Self::close_outbox(&self.engine.state, &mut inst.outbox);
             if let Some(t) = inst.task.take() {
                 if tokio::time::timeout_at(deadline, t).await.is_err() {
                     tracing::warn!(instance = %inst.spec.id, "plugin instance did not stop in time");

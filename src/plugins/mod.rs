@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 
@@ -214,29 +214,149 @@ pub enum Delivery {
 
 /// Coalescing mailbox for every-event notifications: at most one pending entry per resource, so its size
 /// is bounded by the number of resources however slow the reader.
+///
+/// The engine posts the *names* of touched resources ([`Mailbox::post_names`]); their states are fetched
+/// from the engine when the reader is ready for them (the engine fills them in between two chunks), not
+/// at every chunk. A snapshot handed out is an `Arc` the engine must copy before it changes that resource
+/// again, so fetching once per read instead of once per chunk saves most of those copies when the reader
+/// is slower than the stream. Explicit states ([`Mailbox::post`]) are delivered as given.
 #[derive(Default)]
 pub struct Mailbox {
     inner: Mutex<MailboxInner>,
     notify: Notify,
+    /// Where the reader asks the engine for the states it needs; `None` for a mailbox fed only
+    /// explicit states.
+    fetch: Option<Arc<FetchRequests>>,
+}
+
+enum Pending {
+    State(Option<Arc<Resource>>),
+    /// The state is to be fetched from the engine.
+    Fetch,
 }
 
 #[derive(Default)]
 struct MailboxInner {
-    pending: HashMap<Arc<str>, Option<Arc<Resource>>>,
+    pending: HashMap<Arc<str>, Pending>,
+    /// Number of `Pending::Fetch` entries.
+    to_fetch: usize,
+    /// The reader asked for the pending names to be filled in.
+    want_fill: bool,
     closed: bool,
 }
 
+/// How readers of every-event mailboxes ask the engine task to fill in the states they wait for.
+#[derive(Default)]
+pub struct FetchRequests {
+    requested: AtomicBool,
+    notify: Notify,
+}
+
+impl FetchRequests {
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether a reader asked since the last call.
+    pub fn take(&self) -> bool {
+        self.requested.swap(false, Ordering::AcqRel)
+    }
+
+    /// Completes when a reader asks (or asked since the last wait).
+    pub async fn requested(&self) {
+        self.notify.notified().await
+    }
+}
+
+enum Take {
+    Items(Touched),
+    Wait,
+    Closed,
+}
+
+impl MailboxInner {
+    fn set(&mut self, k: &Arc<str>, p: Pending) {
+        let fetch = matches!(p, Pending::Fetch);
+        match self.pending.insert(k.clone(), p) {
+            Some(Pending::Fetch) => {
+                if !fetch {
+                    self.to_fetch -= 1
+                }
+            }
+            _ => {
+                if fetch {
+                    self.to_fetch += 1
+                }
+            }
+        }
+    }
+
+    fn fill(&mut self, state: &dyn Fn(&str) -> Option<Arc<Resource>>) {
+        if self.to_fetch > 0 {
+            for (k, p) in self.pending.iter_mut() {
+                if matches!(p, Pending::Fetch) {
+                    *p = Pending::State(state(k));
+                }
+            }
+            self.to_fetch = 0;
+        }
+        self.want_fill = false;
+    }
+}
+
 impl Mailbox {
+    /// A mailbox whose reader asks `fetch` for the states of names posted with [`Mailbox::post_names`].
+    pub fn with_fetch(fetch: Arc<FetchRequests>) -> Mailbox {
+        Mailbox {
+            fetch: Some(fetch),
+            ..Default::default()
+        }
+    }
+
+    /// Posts resources with their states (`None` = gone).
     pub fn post(&self, items: &[(Arc<str>, Option<Arc<Resource>>)]) {
         if items.is_empty() {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for (k, v) in items {
-            g.pending.insert(k.clone(), v.clone());
+            g.set(k, Pending::State(v.clone()));
         }
         drop(g);
         self.notify.notify_one();
+    }
+
+    /// Posts the names of touched resources; their states are looked up with `state` when the reader
+    /// wants them: now if it waits for them, otherwise at a later [`Mailbox::fill`].
+    pub fn post_names(&self, names: &[Arc<str>], state: &dyn Fn(&str) -> Option<Arc<Resource>>) {
+        if names.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for k in names {
+            if !matches!(g.pending.get(k), Some(Pending::Fetch)) {
+                g.set(k, Pending::Fetch);
+            }
+        }
+        let wake = g.want_fill;
+        if wake {
+            g.fill(state);
+        }
+        drop(g);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Fills in the states of posted names if the reader asked for them (or `force`).
+    pub fn fill(&self, state: &dyn Fn(&str) -> Option<Arc<Resource>>, force: bool) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if (g.want_fill || force) && g.to_fetch > 0 {
+            g.fill(state);
+            drop(g);
+            self.notify.notify_one();
+        }
     }
 
     pub fn close(&self) {
@@ -244,12 +364,52 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// Pending entries sorted by name, and whether the mailbox is closed.
-    fn take(&self) -> (Touched, bool) {
+    /// Reader side: the entries whose states are known, sorted by name; asks for the others.
+    fn take(&self) -> Take {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = g.pending.drain().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        (v, g.closed)
+        if g.to_fetch > 0 && (g.closed || self.fetch.is_none()) {
+            // Nobody will fill these in any more.
+            g.pending.retain(|_, p| matches!(p, Pending::State(_)));
+            g.to_fetch = 0;
+        }
+        let known = g.pending.len() - g.to_fetch;
+        let mut items: Touched = Vec::with_capacity(known);
+        if known > 0 {
+            if g.to_fetch == 0 {
+                items.extend(g.pending.drain().map(|(k, p)| match p {
+                    Pending::State(s) => (k, s),
+                    Pending::Fetch => unreachable!("counted"),
+                }));
+            } else {
+                g.pending.retain(|k, p| match p {
+                    Pending::State(s) => {
+                        items.push((k.clone(), s.take()));
+                        false
+                    }
+                    Pending::Fetch => true,
+                });
+            }
+            items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        let ask = g.to_fetch > 0;
+        let closed = g.closed;
+        if !closed {
+            // Also when nothing is pending: the next names posted are filled in at once.
+            g.want_fill = true;
+        }
+        drop(g);
+        if ask {
+            if let Some(f) = &self.fetch {
+                f.request();
+            }
+        }
+        if !items.is_empty() {
+            Take::Items(items)
+        } else if closed {
+            Take::Closed
+        } else {
+            Take::Wait
+        }
     }
 
     pub fn pending(&self) -> usize {
@@ -288,6 +448,20 @@ impl Outbox {
         }
     }
 
+    /// Posts names of touched resources (see [`Mailbox::post_names`]).
+    pub fn post_names(&self, names: &[Arc<str>], state: &dyn Fn(&str) -> Option<Arc<Resource>>) {
+        if let Some(m) = &self.events {
+            m.post_names(names, state);
+        }
+    }
+
+    /// Fills in posted names the reader waits for (all of them with `force`, e.g. before closing).
+    pub fn fill(&self, state: &dyn Fn(&str) -> Option<Arc<Resource>>, force: bool) {
+        if let Some(m) = &self.events {
+            m.fill(state, force);
+        }
+    }
+
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
@@ -310,6 +484,11 @@ pub struct Inbox {
 
 /// A connected outbox/inbox pair for a subscription.
 pub fn channel(sub: Subscription) -> (Outbox, Inbox) {
+    channel_with(sub, None)
+}
+
+/// A connected pair whose every-event mailbox asks `fetch` for the states of posted names.
+pub fn channel_with(sub: Subscription, fetch: Option<Arc<FetchRequests>>) -> (Outbox, Inbox) {
     let queued = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = if sub.changes {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -317,7 +496,12 @@ pub fn channel(sub: Subscription) -> (Outbox, Inbox) {
     } else {
         (None, None)
     };
-    let mb = sub.events.then(|| Arc::new(Mailbox::default()));
+    let mb = sub.events.then(|| {
+        Arc::new(Mailbox {
+            fetch: fetch.clone(),
+            ..Default::default()
+        })
+    });
     (
         Outbox {
             changes: tx,
@@ -337,6 +521,24 @@ impl Inbox {
     /// The next delivery; `None` once the engine closed the inbox and everything queued was delivered.
     pub async fn recv(&mut self) -> Option<Delivery> {
         loop {
+            // Change updates first, as they come.
+            if let Some(rx) = self.changes.as_mut() {
+                match rx.try_recv() {
+                    Ok(u) => {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                        return Some(Delivery::Change(u));
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => self.changes = None,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
+            if let (Some(mb), false) = (&self.events, self.events_closed) {
+                match mb.take() {
+                    Take::Items(items) => return Some(Delivery::Resources(items)),
+                    Take::Closed => self.events_closed = true,
+                    Take::Wait => {}
+                }
+            }
             let changes_open = self.changes.is_some();
             let events_open = self.events.is_some() && !self.events_closed;
             if !changes_open && !events_open {
@@ -353,16 +555,82 @@ impl Inbox {
                         None => self.changes = None,
                     }
                 }
-                _ = async { self.events.as_ref().expect("checked").notify.notified().await }, if events_open => {
-                    let (items, closed) = self.events.as_ref().expect("checked").take();
-                    if closed {
-                        self.events_closed = true;
-                    }
-                    if !items.is_empty() {
-                        return Some(Delivery::Resources(items));
-                    }
-                }
+                _ = async { self.events.as_ref().expect("checked").notify.notified().await }, if events_open => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn res(name: &str, score: u32) -> Arc<Resource> {
+        let mut r = Resource::new(name);
+        r.promotion_score = score;
+        Arc::new(r)
+    }
+
+    #[test]
+    fn names_are_filled_in_when_the_reader_asks() {
+        let fetch = Arc::new(FetchRequests::default());
+        let mb = Mailbox::with_fetch(fetch.clone());
+        let lookups = Cell::new(0);
+        let score = Cell::new(1);
+        let lookup = |n: &str| {
+            lookups.set(lookups.get() + 1);
+            Some(res(n, score.get()))
+        };
+        let names: Vec<Arc<str>> = vec![Arc::from("b"), Arc::from("a")];
+        // The reader has not asked yet: names are kept, no state is taken from the engine.
+        mb.post_names(&names, &lookup);
+        mb.post_names(&names[..1], &lookup);
+        assert_eq!((lookups.get(), mb.pending()), (0, 2));
+        assert!(!fetch.take());
+        // The reader finds names only: it asks and waits.
+        assert!(matches!(mb.take(), Take::Wait));
+        assert!(fetch.take(), "the engine is asked");
+        // The engine fills them in with the state current then.
+        score.set(7);
+        mb.fill(&lookup, false);
+        assert_eq!(lookups.get(), 2);
+        let Take::Items(items) = mb.take() else {
+            panic!("states expected")
+        };
+        let got: Vec<_> = items
+            .iter()
+            .map(|(n, r)| (n.to_string(), r.as_ref().map(|r| r.promotion_score)))
+            .collect();
+        assert_eq!(got, [("a".into(), Some(7)), ("b".into(), Some(7))]);
+        // Now the reader waits for more: the next names are filled in at once.
+        assert!(matches!(mb.take(), Take::Wait));
+        mb.post_names(&names[..1], &lookup);
+        assert_eq!(lookups.get(), 3);
+        // ... and only once: later names wait for the reader's next request.
+        mb.post_names(&names[1..], &lookup);
+        assert_eq!(lookups.get(), 3);
+        let Take::Items(items) = mb.take() else {
+            panic!("states expected")
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(mb.pending(), 1);
+        // Closing after a forced fill delivers the rest, then the end.
+        mb.fill(&lookup, true);
+        mb.close();
+        assert!(matches!(mb.take(), Take::Items(i) if i.len() == 1));
+        assert!(matches!(mb.take(), Take::Closed));
+    }
+
+    #[test]
+    fn explicit_states_replace_names_and_the_reverse() {
+        let fetch = Arc::new(FetchRequests::default());
+        let mb = Mailbox::with_fetch(fetch);
+        let a: Arc<str> = Arc::from("a");
+        mb.post_names(std::slice::from_ref(&a), &|n| Some(res(n, 1)));
+        mb.post(&[(a.clone(), None)]);
+        // The explicit state is deliverable without the engine.
+        assert!(matches!(mb.take(), Take::Items(i) if i.len() == 1 && i[0].1.is_none()));
+        assert_eq!(mb.pending(), 0);
     }
 }

@@ -10,9 +10,13 @@
 //!   are fed from the same engine stream, so their copies differ at most by notifications in flight.
 //!
 //! A scrape never talks to the engine: it clones the `Arc`s of one slot under its lock and renders outside
-//! it, so the engine never waits for a scrape and a scrape never waits for the engine. Like upstream, the
-//! rendered text is kept and reused until something changes (a notification, an instance coming or going,
-//! a new version), so repeated scrapes of an unchanged state cost a copy.
+//! it, so the engine never waits for a scrape and a scrape never waits for the engine.
+//!
+//! The text of each resource's samples is kept per family ([`render::Fragment`]) together with the
+//! resource state it was rendered from. A resource whose state is still the very same `Arc` (the engine
+//! copies a resource before changing it while anyone holds it) has not changed, so a scrape re-renders
+//! only the resources that changed since the previous scrape and concatenates the kept text of the
+//! others, family by family, in the same order a full rendering has.
 
 pub mod render;
 
@@ -22,7 +26,7 @@ use ::prometheus::core::{Collector, Desc};
 use ::prometheus::proto;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-pub use render::{DrbdVersion, View};
+pub use render::{DrbdVersion, Fragment, Options, PeerByteCounters, View};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +44,13 @@ pub struct PrometheusSpec {
     /// several policies enable the exporter on a node, the families are on if any of them asks.
     #[serde(default)]
     pub enums: bool,
+    /// Names of the peer-device byte counters: `upstream` (default) keeps upstream drbd-reactor's
+    /// `drbd_peerdevice_sent_bytes` / `drbd_peerdevice_received_bytes`, which existing dashboards and
+    /// alert rules use; `total` exports them as `..._bytes_total` instead, as Prometheus naming
+    /// conventions (and `promtool check metrics`) want; `both` exports both pairs, for a migration.
+    /// With several policies on a node, every name any of them asks for is exported.
+    #[serde(default, skip_serializing_if = "PeerByteCounters::is_default")]
+    pub peer_byte_counters: PeerByteCounters,
 }
 
 /// Longest time `drbdadm --version` may take.
@@ -50,6 +61,7 @@ type Map = BTreeMap<Arc<str>, Arc<Resource>>;
 /// The state copy of one running exporter instance.
 struct Slot {
     enums: bool,
+    peer_byte_counters: PeerByteCounters,
     resources: Mutex<Map>,
 }
 
@@ -64,6 +76,17 @@ pub struct ExporterHub {
     generation: Arc<AtomicU64>,
     /// The last rendering and the generation it was made from.
     cache: Mutex<Option<(u64, Arc<String>)>>,
+    /// The rendered samples of each resource, reused while the resource does not change.
+    fragments: Mutex<FragmentCache>,
+}
+
+/// The fragments of the last scrape, by resource name (sorted), with the state each was rendered from.
+#[derive(Default)]
+struct FragmentCache {
+    opts: Options,
+    entries: Vec<(Arc<str>, Arc<Resource>, Fragment)>,
+    /// Resources rendered anew by the last [`ExporterHub::write_drbd`] (for benchmarks and tests).
+    rendered: usize,
 }
 
 impl Default for ExporterHub {
@@ -121,13 +144,26 @@ impl ExporterHub {
             version: Mutex::new(DrbdVersion::default()),
             generation: Arc::new(AtomicU64::new(0)),
             cache: Mutex::new(None),
+            fragments: Mutex::new(FragmentCache::default()),
         }
     }
 
     pub fn register(self: &Arc<Self>, id: InstanceId, enums: bool) -> Registration {
+        self.register_spec(
+            id,
+            &PrometheusSpec {
+                enums,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Registers a running instance with its configuration.
+    pub fn register_spec(self: &Arc<Self>, id: InstanceId, spec: &PrometheusSpec) -> Registration {
         let key = (id, self.next.fetch_add(1, Ordering::Relaxed));
         let slot = Arc::new(Slot {
-            enums,
+            enums: spec.enums,
+            peer_byte_counters: spec.peer_byte_counters,
             resources: Mutex::new(BTreeMap::new()),
         });
         lock(&self.slots).insert(key.clone(), slot.clone());
@@ -181,19 +217,82 @@ impl ExporterHub {
         self.set_version(v);
     }
 
+    /// What the running instances ask for together, and the slot whose state is rendered.
+    fn options(&self) -> Option<(Options, Arc<Slot>)> {
+        let slots = lock(&self.slots);
+        let first = slots.values().next()?.clone();
+        let opts = Options {
+            enums: slots.values().any(|s| s.enums),
+            peer_byte_counters: slots
+                .values()
+                .map(|s| s.peer_byte_counters)
+                .reduce(PeerByteCounters::union)
+                .unwrap_or_default(),
+        };
+        Some((opts, first))
+    }
+
     /// What to render now; `None` while no exporter instance runs.
     pub fn view(&self) -> Option<View> {
-        let (enums, first) = {
-            let slots = lock(&self.slots);
-            let first = slots.values().next()?.clone();
-            (slots.values().any(|s| s.enums), first)
-        };
+        let (opts, first) = self.options()?;
         let resources = lock(&first.resources).values().cloned().collect();
         Some(View {
             resources,
-            enums,
+            enums: opts.enums,
             version: self.version(),
+            peer_byte_counters: opts.peer_byte_counters,
         })
+    }
+
+    /// Appends the DRBD families in the text format, rendering anew only the resources that changed since
+    /// the last call; false (nothing written) while no exporter instance runs.
+    pub fn write_drbd(&self, out: &mut String) -> bool {
+        let Some((opts, first)) = self.options() else {
+            return false;
+        };
+        let current: Vec<(Arc<str>, Arc<Resource>)> = lock(&first.resources)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let version = self.version();
+        let mut cache = lock(&self.fragments);
+        if cache.opts != opts {
+            cache.entries.clear();
+            cache.opts = opts;
+        }
+        let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
+        let mut entries = Vec::with_capacity(current.len());
+        let mut rendered = 0;
+        for (name, res) in current {
+            while old.next_if(|(n, _, _)| *n < name).is_some() {}
+            let frag = match old.next_if(|(n, _, _)| *n == name) {
+                Some((_, r, f)) if Arc::ptr_eq(&r, &res) => f,
+                // Changed: rendered anew, but one-hot families whose samples are the same are copied.
+                Some((_, r, f)) => {
+                    rendered += 1;
+                    Fragment::update(&res, opts, Some((&r, &f)))
+                }
+                None => {
+                    rendered += 1;
+                    Fragment::of(&res, opts)
+                }
+            };
+            entries.push((name, res, frag));
+        }
+        drop(old);
+        let frags: Vec<&Fragment> = entries.iter().map(|(_, _, f)| f).collect();
+        // Room for the agent's own families too, which `render_metrics` appends.
+        out.reserve(render::exposition_len(frags.iter().copied()) + 16 * 1024);
+        render::write_exposition(out, frags.len(), version, &frags);
+        drop(frags);
+        cache.entries = entries;
+        cache.rendered = rendered;
+        true
+    }
+
+    /// Resources rendered anew by the last scrape (the others reused their kept text).
+    pub fn last_rendered(&self) -> usize {
+        lock(&self.fragments).rendered
     }
 
     /// Appends the DRBD families in the text format; nothing while no exporter instance runs.
@@ -214,8 +313,11 @@ impl ExporterHub {
                 return Some(text.clone());
             }
         }
-        let view = self.view()?;
-        let text = Arc::new(render::to_text(&view));
+        let mut text = String::new();
+        if !self.write_drbd(&mut text) {
+            return None;
+        }
+        let text = Arc::new(text);
         *lock(&self.cache) = Some((generation, text.clone()));
         Some(text)
     }
@@ -261,12 +363,10 @@ impl Collector for HubCollector {
 }
 
 /// The whole `/metrics` body: the DRBD families (while an exporter runs), then the agent's own families.
+/// Only resources that changed since the last scrape are rendered anew (see [`ExporterHub::write_drbd`]).
 pub fn render_metrics(hub: &ExporterHub, agent: &::prometheus::Registry) -> String {
-    let drbd = hub.text();
-    let mut out = String::with_capacity(drbd.as_ref().map_or(0, |t| t.len()) + 16 * 1024);
-    if let Some(t) = drbd {
-        out.push_str(&t);
-    }
+    let mut out = String::with_capacity(16 * 1024);
+    hub.write_drbd(&mut out);
     if let Err(e) = ::prometheus::TextEncoder::new().encode_utf8(&agent.gather(), &mut out) {
         tracing::warn!(error = %e, "cannot encode the agent's metrics");
     }
@@ -333,7 +433,7 @@ impl Plugin for Prometheus {
         ctx: PluginCtx,
     ) -> BoxFuture<'static, Result<(), PluginError>> {
         async move {
-            let reg = self.hub.register(ctx.id.clone(), self.spec.enums);
+            let reg = self.hub.register_spec(ctx.id.clone(), &self.spec);
             // Like upstream, the versions are read when an exporter starts; the state keeps flowing
             // meanwhile.
             let hub = self.hub.clone();
@@ -341,6 +441,7 @@ impl Plugin for Prometheus {
             let detail = |n: usize| {
                 ctx.detail.set(serde_json::json!({
                     "enums": self.spec.enums,
+                    "peerByteCounters": self.spec.peer_byte_counters,
                     "resources": n,
                 }))
             };
@@ -453,6 +554,76 @@ mod tests {
         assert!(!hub.text().unwrap().contains("drbd_resource_role{"));
         drop(reg);
         assert!(hub.text().is_none());
+    }
+
+    #[test]
+    fn a_scrape_renders_only_what_changed_and_matches_a_full_rendering() {
+        let hub = Arc::new(ExporterHub::default());
+        let reg = hub.register(id("p"), false);
+        let mut engine = crate::engine::Engine::new();
+        let mut out = Vec::new();
+        let mut feed = |engine: &mut crate::engine::Engine, text: &str| {
+            engine.apply_chunk(text.as_bytes(), &mut out);
+            reg.apply(engine.state.take_dirty());
+        };
+        let mut dump = String::new();
+        for r in ["r1", "r2", "r3"] {
+            dump.push_str(&format!("exists resource name:{r} role:Secondary suspended:no force-io-failures:no may_promote:yes promotion_score:1\n"));
+            dump.push_str(&format!("exists connection name:{r} peer-node-id:1 conn-name:p connection:Connected role:Secondary congested:no ap-in-flight:0 rs-in-flight:0\n"));
+            dump.push_str(&format!("exists device name:{r} volume:0 minor:1 disk:UpToDate client:no open:no quorum:yes size:8 read:0 written:0 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no blocked:no\n"));
+            dump.push_str(&format!("exists peer-device name:{r} peer-node-id:1 conn-name:p volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0\n"));
+        }
+        feed(&mut engine, &dump);
+        let full = |hub: &ExporterHub| render::to_text(&hub.view().expect("view"));
+        let scrape = |hub: &ExporterHub| {
+            let mut s = String::new();
+            assert!(hub.write_drbd(&mut s));
+            s
+        };
+        assert_eq!(scrape(&hub), full(&hub));
+        assert_eq!(hub.last_rendered(), 3);
+        assert_eq!(scrape(&hub), full(&hub));
+        assert_eq!(hub.last_rendered(), 0, "nothing changed");
+        feed(&mut engine, "change device name:r2 volume:0 minor:1 disk:UpToDate client:no open:yes quorum:yes size:8 read:4 written:4 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no\n");
+        let text = scrape(&hub);
+        assert_eq!(hub.last_rendered(), 1);
+        assert_eq!(text, full(&hub));
+        assert!(text
+            .contains("drbd_device_read_bytes_total{name=\"r2\",volume=\"0\",minor=\"1\"} 4096\n"));
+        // a resource goes, another comes (sorted in between)
+        feed(&mut engine, "destroy resource name:r1\nexists resource name:r20 role:Primary suspended:no force-io-failures:no may_promote:no promotion_score:0\n");
+        assert_eq!(scrape(&hub), full(&hub));
+        assert_eq!(hub.last_rendered(), 1);
+        // other options render everything anew
+        let e = hub.register_spec(
+            id("q"),
+            &PrometheusSpec {
+                enums: true,
+                peer_byte_counters: PeerByteCounters::Total,
+            },
+        );
+        let text = scrape(&hub);
+        assert_eq!(hub.last_rendered(), 3);
+        assert_eq!(text, full(&hub));
+        assert!(text.contains("drbd_resource_role{") && text.contains("_sent_bytes_total{"));
+        assert!(
+            text.contains("drbd_peerdevice_sent_bytes{"),
+            "union with the other policy's names"
+        );
+        // With enums, a changed resource copies the one-hot families that did not change and renders
+        // the others: both must give what a full rendering gives.
+        feed(&mut engine, "change peer-device name:r2 peer-node-id:1 conn-name:p volume:0 replication:SyncSource peer-disk:Inconsistent peer-client:no resync-suspended:no received:0 sent:8 out-of-sync:4 pending:0 unacked:0 done:50.00\n\
+            change resource name:r3 role:Primary suspended:no force-io-failures:no may_promote:no promotion_score:1\n\
+            change device name:r20 volume:0 minor:2 disk:Diskless client:no open:no quorum:yes size:8 read:0 written:0 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no\n\
+            change device name:r3 volume:0 minor:1 disk:UpToDate client:no open:yes quorum:yes size:8 read:9 written:9 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no\n");
+        let text = scrape(&hub);
+        assert_eq!(hub.last_rendered(), 3);
+        assert_eq!(text, full(&hub));
+        assert!(text.contains("drbd_peerdevice_replication_state{name=\"r2\",conn_name=\"p\",peer_node_id=\"1\",volume=\"0\",drbd_peerdevice_replication_state=\"SyncSource\"} 1\n"));
+        assert!(text.contains("drbd_resource_role{name=\"r3\",drbd_resource_role=\"Primary\"} 1\n"));
+        assert!(text.contains("drbd_device_state{name=\"r20\",volume=\"0\",minor=\"2\",drbd_device_state=\"Diskless\"} 1\n"));
+        drop(e);
+        assert!(!scrape(&hub).contains("drbd_resource_role{"));
     }
 
     #[test]

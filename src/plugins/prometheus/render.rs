@@ -1,8 +1,10 @@
 //! The exporter's metric families, built from a snapshot of the DRBD state at scrape time.
 //!
-//! One function, [`render`], walks the snapshot and emits every family through a [`Sink`]. Two sinks exist:
-//! [`TextSink`] writes the Prometheus text exposition (format 0.0.4) straight into a string, which is what
-//! `/metrics` serves, and [`ProtoSink`] builds `prometheus` crate `MetricFamily` values for the
+//! One function, [`render_resource`], emits the samples of one resource, family by family, through a
+//! [`Sink`]; [`render`] adds the global families and walks every resource. Two sinks exist:
+//! [`Fragment`] keeps one resource's samples as text (Prometheus text exposition, format 0.0.4), per
+//! family, so that a scrape only re-renders the resources that changed and concatenates the rest
+//! ([`write_exposition`]); and [`ProtoSink`] builds `prometheus` crate `MetricFamily` values for the
 //! [`Collector`](::prometheus::core::Collector) implementation. Both see the same families, in the same
 //! order, with the same samples; a test checks that the crate's `TextEncoder` turns the second into
 //! exactly the bytes of the first.
@@ -14,7 +16,7 @@
 //! A `yes`/`no` field that DRBD reported as `unknown` (or did not report) has no sample: an absent series
 //! says "not known", where 0 or 1 would be a guess.
 
-use crate::drbd::state::{Connection, Device, Path, PeerDevice, Resource};
+use crate::drbd::state::{Connection, Device, PeerDevice, Resource};
 use crate::drbd::types::{Blocked, ConnState, DiskState, ReplState, Role, Tri, WriteOrdering};
 use ::prometheus::proto;
 use std::fmt::Write as _;
@@ -38,6 +40,8 @@ impl Kind {
 /// One metric family of the exporter.
 #[derive(Debug, Clone, Copy)]
 pub struct FamilyDef {
+    /// Position in [`FAMILIES`].
+    pub index: usize,
     pub name: &'static str,
     pub help: &'static str,
     pub kind: Kind,
@@ -51,7 +55,10 @@ pub struct FamilyDef {
 
 macro_rules! families {
     ($($id:ident = $name:literal, $kind:ident, [$($l:literal),*], upstream $up:literal, enums $en:literal, $help:literal;)+) => {
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+        enum FamilyIndex { $($id),+ }
         $(pub const $id: FamilyDef = FamilyDef {
+            index: FamilyIndex::$id as usize,
             name: $name,
             help: $help,
             kind: Kind::$kind,
@@ -61,6 +68,8 @@ macro_rules! families {
         };)+
         /// Every family of the exporter, in output order.
         pub const FAMILIES: &[FamilyDef] = &[$($id),+];
+        /// Number of families.
+        pub const FAMILY_COUNT: usize = [$(FamilyIndex::$id),+].len();
     };
 }
 
@@ -95,8 +104,12 @@ families! {
         "Bytes out of sync with this peer, according to the bitmap DRBD keeps for it";
     PD_SENT = "drbd_peerdevice_sent_bytes", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream true, enums false,
         "Bytes sent to this peer (upstream name, without the _total suffix)";
+    PD_SENT_TOTAL = "drbd_peerdevice_sent_bytes_total", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Bytes sent to this peer";
     PD_RECEIVED = "drbd_peerdevice_received_bytes", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream true, enums false,
         "Bytes received from this peer (upstream name, without the _total suffix)";
+    PD_RECEIVED_TOTAL = "drbd_peerdevice_received_bytes_total", Counter, ["name", "conn_name", "peer_node_id", "volume"], upstream false, enums false,
+        "Bytes received from this peer";
     PD_REPLICATION = "drbd_peerdevice_replication_state", Gauge, ["name", "conn_name", "peer_node_id", "volume", "drbd_peerdevice_replication_state"], upstream false, enums true,
         "Replication state towards this peer (1 for the current state, 0 for the others)";
     PD_PEER_DISK = "drbd_peerdevice_peer_disk_state", Gauge, ["name", "conn_name", "peer_node_id", "volume", "drbd_peerdevice_peer_disk_state"], upstream false, enums true,
@@ -191,6 +204,65 @@ fn dotted(v: (u32, u32, u32)) -> String {
     format!("{}.{}.{}", v.0, v.1, v.2)
 }
 
+/// Names of the peer-device byte counters (`spec.prometheus.peerByteCounters`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum PeerByteCounters {
+    /// `drbd_peerdevice_sent_bytes` and `drbd_peerdevice_received_bytes`, as upstream drbd-reactor
+    /// (counters without the `_total` suffix: `promtool check metrics` reports both).
+    #[default]
+    Upstream,
+    /// `drbd_peerdevice_sent_bytes_total` and `drbd_peerdevice_received_bytes_total` (Prometheus naming
+    /// conventions; dashboards written for upstream do not find them).
+    Total,
+    /// Both pairs, e.g. while dashboards move from the upstream names to the `_total` ones.
+    Both,
+}
+
+impl PeerByteCounters {
+    /// The default (`upstream`); left out of a serialized configuration, so that policies written before
+    /// the option existed keep the same instance identity.
+    pub fn is_default(&self) -> bool {
+        *self == PeerByteCounters::Upstream
+    }
+
+    pub fn upstream(self) -> bool {
+        matches!(self, PeerByteCounters::Upstream | PeerByteCounters::Both)
+    }
+
+    pub fn total(self) -> bool {
+        matches!(self, PeerByteCounters::Total | PeerByteCounters::Both)
+    }
+
+    /// The names two settings ask for together.
+    pub fn union(self, o: PeerByteCounters) -> PeerByteCounters {
+        match (self.upstream() || o.upstream(), self.total() || o.total()) {
+            (true, true) => PeerByteCounters::Both,
+            (false, true) => PeerByteCounters::Total,
+            _ => PeerByteCounters::Upstream,
+        }
+    }
+}
+
+/// How a rendering is done, besides the state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Emit the one-hot state families.
+    pub enums: bool,
+    pub peer_byte_counters: PeerByteCounters,
+}
+
 /// What one rendering is built from.
 #[derive(Debug, Clone, Default)]
 pub struct View {
@@ -198,6 +270,16 @@ pub struct View {
     pub resources: Vec<Arc<Resource>>,
     pub enums: bool,
     pub version: DrbdVersion,
+    pub peer_byte_counters: PeerByteCounters,
+}
+
+impl View {
+    pub fn options(&self) -> Options {
+        Options {
+            enums: self.enums,
+            peer_byte_counters: self.peer_byte_counters,
+        }
+    }
 }
 
 fn tri(t: Tri) -> Option<f64> {
@@ -218,30 +300,6 @@ fn flag(b: bool) -> f64 {
 
 const KIB: f64 = 1024.0;
 const SECTOR: f64 = 512.0;
-
-struct Dev<'a> {
-    name: &'a str,
-    volume: String,
-    minor: String,
-    d: &'a Device,
-}
-
-struct Conn<'a> {
-    name: &'a str,
-    peer: String,
-    c: &'a Connection,
-}
-
-struct PeerDev<'a> {
-    conn: usize,
-    volume: String,
-    p: &'a PeerDevice,
-}
-
-struct PathCtx<'a> {
-    conn: usize,
-    p: &'a Path,
-}
 
 /// Emits every enum value with 1 for the current one and 0 for the others; a value this version does not
 /// know gets a sample of its own (1) after the known ones.
@@ -267,108 +325,89 @@ fn blocked_has(b: &Blocked, what: &str) -> bool {
     b.as_str().split(',').any(|x| x == what)
 }
 
-/// Emits every family of `view` into `sink`.
-pub fn render(view: &View, sink: &mut dyn Sink) {
-    let res: &[Arc<Resource>] = &view.resources;
-    let mut devs = Vec::new();
-    let mut conns = Vec::new();
-    let mut pds = Vec::new();
-    let mut paths = Vec::new();
-    for r in res {
-        for d in r.devices.values() {
-            devs.push(Dev {
-                name: &r.name,
-                volume: d.volume.to_string(),
-                minor: d.minor.map(|m| m.to_string()).unwrap_or_default(),
-                d,
-            });
-        }
-        for c in r.connections.values() {
-            let ci = conns.len();
-            conns.push(Conn {
-                name: &r.name,
-                peer: c.peer_node_id.to_string(),
-                c,
-            });
-            for p in c.peer_devices.values() {
-                pds.push(PeerDev {
-                    conn: ci,
-                    volume: p.volume.to_string(),
-                    p,
-                });
-            }
-            for p in &c.paths {
-                paths.push(PathCtx { conn: ci, p });
-            }
-        }
-    }
-
+/// The three families that are not about one resource.
+fn render_globals(resources: usize, version: DrbdVersion, sink: &mut dyn Sink) {
     sink.family(&UP);
     sink.sample(&[], None, 1.0);
     sink.family(&VERSION);
-    sink.sample(
-        &[&dotted(view.version.kmod), &dotted(view.version.utils)],
-        None,
-        1.0,
-    );
+    sink.sample(&[&dotted(version.kmod), &dotted(version.utils)], None, 1.0);
     sink.family(&RESOURCES);
-    sink.sample(&[], None, res.len() as f64);
+    sink.sample(&[], None, resources as f64);
+}
 
-    // Resources.
-    let per_res =
-        |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Resource) -> Option<f64>| {
-            sink.family(def);
-            for r in res {
-                if let Some(v) = f(r) {
-                    sink.sample(&[&r.name], None, v);
-                }
-            }
-        };
-    if view.enums {
+/// Emits every family of `view` into `sink`: the global families, then each resource's
+/// ([`render_resource`]). A sink that needs family-major order groups the samples by family.
+pub fn render(view: &View, sink: &mut dyn Sink) {
+    render_globals(view.resources.len(), view.version, sink);
+    for r in &view.resources {
+        render_resource(r, view.options(), sink);
+    }
+}
+
+/// Emits the samples of one resource, family by family in [`FAMILIES`] order (each family at most once).
+pub fn render_resource(r: &Resource, opts: Options, sink: &mut dyn Sink) {
+    let enums = opts.enums;
+    let name: &str = &r.name;
+    let res_labels = [name];
+    let tri_res = |sink: &mut dyn Sink, def: &'static FamilyDef, v: Option<f64>| {
+        sink.family(def);
+        if let Some(v) = v {
+            sink.sample(&res_labels, None, v);
+        }
+    };
+    if enums {
         sink.family(&RES_ROLE);
-        for r in res {
-            one_hot(sink, &[&r.name], Role::KNOWN, &r.role, Role::as_str);
-        }
+        one_hot(sink, &res_labels, Role::KNOWN, &r.role, Role::as_str);
     }
-    per_res(sink, &RES_SUSPENDED, &|r| Some(flag(r.suspended.any())));
-    per_res(sink, &RES_MAYPROMOTE, &|r| tri(r.may_promote));
-    per_res(sink, &RES_PROMOTIONSCORE, &|r| {
-        Some(f64::from(r.promotion_score))
-    });
-    per_res(sink, &RES_FORCEIOFAILURES, &|r| tri(r.force_io_failures));
-    if view.enums {
+    tri_res(sink, &RES_SUSPENDED, Some(flag(r.suspended.any())));
+    tri_res(sink, &RES_MAYPROMOTE, tri(r.may_promote));
+    tri_res(
+        sink,
+        &RES_PROMOTIONSCORE,
+        Some(f64::from(r.promotion_score)),
+    );
+    tri_res(sink, &RES_FORCEIOFAILURES, tri(r.force_io_failures));
+    if enums {
         sink.family(&RES_WRITE_ORDERING);
-        for r in res {
-            if let Some(w) = &r.write_ordering {
-                one_hot(
-                    sink,
-                    &[&r.name],
-                    WriteOrdering::KNOWN,
-                    w,
-                    WriteOrdering::as_str,
-                );
-            }
+        if let Some(w) = &r.write_ordering {
+            one_hot(
+                sink,
+                &res_labels,
+                WriteOrdering::KNOWN,
+                w,
+                WriteOrdering::as_str,
+            );
         }
     }
 
-    // Connections.
+    // Connections: labels name, conn_name, peer_node_id.
+    let mut peers: Vec<String> = Vec::with_capacity(r.connections.len());
+    for c in r.connections.values() {
+        peers.push(c.peer_node_id.to_string());
+    }
+    let conns: Vec<(&Connection, [&str; 3])> = r
+        .connections
+        .values()
+        .zip(&peers)
+        .map(|(c, p)| (c, [name, c.conn_name.as_str(), p.as_str()]))
+        .collect();
     let per_conn =
         |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Connection) -> Option<f64>| {
             sink.family(def);
-            for c in &conns {
-                if let Some(v) = f(c.c) {
-                    sink.sample(&[c.name, &c.c.conn_name, &c.peer], None, v);
+            for (c, labels) in &conns {
+                if let Some(v) = f(c) {
+                    sink.sample(labels, None, v);
                 }
             }
         };
-    if view.enums {
+    if enums {
         sink.family(&CONN_STATE);
-        for c in &conns {
+        for (c, labels) in &conns {
             one_hot(
                 sink,
-                &[c.name, &c.c.conn_name, &c.peer],
+                labels,
                 ConnState::KNOWN,
-                &c.c.connection,
+                &c.connection,
                 ConnState::as_str,
             );
         }
@@ -381,40 +420,62 @@ pub fn render(view: &View, sink: &mut dyn Sink) {
         Some(c.rs_in_flight as f64 * SECTOR)
     });
 
-    // Peer devices.
+    // Peer devices: connection labels plus volume.
+    let mut pd_volumes: Vec<String> = Vec::new();
+    for (c, _) in &conns {
+        for p in c.peer_devices.values() {
+            pd_volumes.push(p.volume.to_string());
+        }
+    }
+    let mut pds: Vec<(&PeerDevice, [&str; 4])> = Vec::with_capacity(pd_volumes.len());
+    let mut vols = pd_volumes.iter();
+    for (c, l) in &conns {
+        for p in c.peer_devices.values() {
+            let v = vols.next().map_or("", String::as_str);
+            pds.push((p, [l[0], l[1], l[2], v]));
+        }
+    }
     let per_pd =
         |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&PeerDevice) -> Option<f64>| {
             sink.family(def);
-            for p in &pds {
-                if let Some(v) = f(p.p) {
-                    let c = &conns[p.conn];
-                    sink.sample(&[c.name, &c.c.conn_name, &c.peer, &p.volume], None, v);
+            for (p, labels) in &pds {
+                if let Some(v) = f(p) {
+                    sink.sample(labels, None, v);
                 }
             }
         };
     per_pd(sink, &PD_OUTOFSYNC, &|p| Some(p.out_of_sync as f64 * KIB));
-    per_pd(sink, &PD_SENT, &|p| Some(p.sent as f64 * KIB));
-    per_pd(sink, &PD_RECEIVED, &|p| Some(p.received as f64 * KIB));
-    if view.enums {
+    let bytes = opts.peer_byte_counters;
+    if bytes.upstream() {
+        per_pd(sink, &PD_SENT, &|p| Some(p.sent as f64 * KIB));
+    }
+    if bytes.total() {
+        per_pd(sink, &PD_SENT_TOTAL, &|p| Some(p.sent as f64 * KIB));
+    }
+    if bytes.upstream() {
+        per_pd(sink, &PD_RECEIVED, &|p| Some(p.received as f64 * KIB));
+    }
+    if bytes.total() {
+        per_pd(sink, &PD_RECEIVED_TOTAL, &|p| Some(p.received as f64 * KIB));
+    }
+    if enums {
         sink.family(&PD_REPLICATION);
-        for p in &pds {
-            let c = &conns[p.conn];
+        for (p, labels) in &pds {
             one_hot(
                 sink,
-                &[c.name, &c.c.conn_name, &c.peer, &p.volume],
+                labels,
                 ReplState::KNOWN,
-                &p.p.replication,
+                &p.replication,
                 ReplState::as_str,
             );
         }
         sink.family(&PD_PEER_DISK);
-        for p in &pds {
-            let c = &conns[p.conn];
+        for (p, labels) in &pds {
             one_hot(
                 sink,
-                &[c.name, &c.c.conn_name, &c.peer, &p.volume],
+                labels,
                 DiskState::KNOWN,
-                &p.p.peer_disk,
+                &p.peer_disk,
                 DiskState::as_str,
             );
         }
@@ -430,26 +491,36 @@ pub fn render(view: &View, sink: &mut dyn Sink) {
     per_pd(sink, &PD_PENDING, &|p| Some(p.pending as f64));
     per_pd(sink, &PD_UNACKED, &|p| Some(p.unacked as f64));
 
-    // Devices.
+    // Devices: labels name, volume, minor.
+    let dev_strs: Vec<(String, String)> = r
+        .devices
+        .values()
+        .map(|d| {
+            (
+                d.volume.to_string(),
+                d.minor.map(|m| m.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let devs: Vec<(&Device, [&str; 3])> = r
+        .devices
+        .values()
+        .zip(&dev_strs)
+        .map(|(d, (v, m))| (d, [name, v.as_str(), m.as_str()]))
+        .collect();
     let per_dev =
         |sink: &mut dyn Sink, def: &'static FamilyDef, f: &dyn Fn(&Device) -> Option<f64>| {
             sink.family(def);
-            for d in &devs {
-                if let Some(v) = f(d.d) {
-                    sink.sample(&[d.name, &d.volume, &d.minor], None, v);
+            for (d, labels) in &devs {
+                if let Some(v) = f(d) {
+                    sink.sample(labels, None, v);
                 }
             }
         };
-    if view.enums {
+    if enums {
         sink.family(&DEV_STATE);
-        for d in &devs {
-            one_hot(
-                sink,
-                &[d.name, &d.volume, &d.minor],
-                DiskState::KNOWN,
-                &d.d.disk,
-                DiskState::as_str,
-            );
+        for (d, labels) in &devs {
+            one_hot(sink, labels, DiskState::KNOWN, &d.disk, DiskState::as_str);
         }
     }
     per_dev(sink, &DEV_CLIENT, &|d| tri(d.client));
@@ -471,40 +542,19 @@ pub fn render(view: &View, sink: &mut dyn Sink) {
     per_dev(sink, &DEV_LOWERPENDING, &|d| Some(d.lower_pending as f64));
     per_dev(sink, &DEV_ALSUSPENDED, &|d| tri(d.al_suspended));
     sink.family(&DEV_BLOCKED);
-    for d in &devs {
-        let labels = [d.name, d.volume.as_str(), d.minor.as_str()];
+    for (d, labels) in &devs {
         for what in ["upper", "lower"] {
-            sink.sample(&labels, Some(what), flag(blocked_has(&d.d.blocked, what)));
+            sink.sample(labels, Some(what), flag(blocked_has(&d.blocked, what)));
         }
     }
 
     // Paths.
     sink.family(&PATH_ESTABLISHED);
-    for p in &paths {
-        if let Some(v) = tri(p.p.established) {
-            let c = &conns[p.conn];
-            sink.sample(
-                &[c.name, &c.c.conn_name, &c.peer, &p.p.local, &p.p.peer],
-                None,
-                v,
-            );
-        }
-    }
-}
-
-/// Writes the text exposition format (0.0.4).
-pub struct TextSink<'a> {
-    out: &'a mut String,
-    current: Option<&'static FamilyDef>,
-    header_done: bool,
-}
-
-impl<'a> TextSink<'a> {
-    pub fn new(out: &'a mut String) -> TextSink<'a> {
-        TextSink {
-            out,
-            current: None,
-            header_done: true,
+    for (c, l) in &conns {
+        for p in &c.paths {
+            if let Some(v) = tri(p.established) {
+                sink.sample(&[l[0], l[1], l[2], &p.local, &p.peer], None, v);
+            }
         }
     }
 }
@@ -527,49 +577,239 @@ fn push_escaped(out: &mut String, s: &str, quote: bool) {
     }
 }
 
-/// Formats a value exactly like the `prometheus` crate's text encoder (Rust's `f64` display), with a fast
-/// path for integers.
+/// Formats a value exactly like the `prometheus` crate's text encoder (Rust's `f64` display), with fast
+/// paths for integers.
 pub fn push_value(out: &mut String, v: f64) {
-    if v.fract() == 0.0 && v.abs() < 9.0e15 {
-        let _ = write!(out, "{}", v as i64);
+    if v == 0.0 && v.is_sign_positive() {
+        out.push('0');
+    } else if v == 1.0 {
+        out.push('1');
+    } else if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        out.push_str(itoa::Buffer::new().format(v as i64));
     } else {
         let _ = write!(out, "{v}");
     }
 }
 
-impl Sink for TextSink<'_> {
+/// `# HELP` and `# TYPE` lines of a family.
+fn push_header(out: &mut String, def: &FamilyDef) {
+    out.push_str("# HELP ");
+    out.push_str(def.name);
+    out.push(' ');
+    push_escaped(out, def.help, false);
+    out.push_str("\n# TYPE ");
+    out.push_str(def.name);
+    out.push(' ');
+    out.push_str(def.kind.as_str());
+    out.push('\n');
+}
+
+/// The text of one resource's samples, per family, without family headers: what a scrape reuses
+/// while the resource does not change.
+#[derive(Debug, Clone)]
+pub struct Fragment {
+    text: String,
+    /// End of each family's samples in `text`, by family index; a family starts where the one before
+    /// ends.
+    ends: [u32; FAMILY_COUNT],
+}
+
+/// Whether the one-hot family `def` has the same samples for both states of a resource: the same labels
+/// (names, peers, volumes, minors) and the same current value. The one-hot families are most of the text
+/// with `enums` and change rarely, while statistics change all the time.
+fn same_one_hot(def: &FamilyDef, old: &Resource, new: &Resource) -> bool {
+    fn same_conns(
+        old: &Resource,
+        new: &Resource,
+        each: impl Fn(&Connection, &Connection) -> bool,
+    ) -> bool {
+        old.connections.len() == new.connections.len()
+            && old
+                .connections
+                .iter()
+                .zip(new.connections.iter())
+                .all(|((ko, o), (kn, n))| ko == kn && o.conn_name == n.conn_name && each(o, n))
+    }
+    fn same_pds(
+        o: &Connection,
+        n: &Connection,
+        each: impl Fn(&PeerDevice, &PeerDevice) -> bool,
+    ) -> bool {
+        o.peer_devices.len() == n.peer_devices.len()
+            && o.peer_devices
+                .iter()
+                .zip(n.peer_devices.iter())
+                .all(|((ko, po), (kn, pn))| ko == kn && each(po, pn))
+    }
+    if old.name != new.name {
+        return false;
+    }
+    match def.index {
+        i if i == RES_ROLE.index => old.role == new.role,
+        i if i == RES_WRITE_ORDERING.index => old.write_ordering == new.write_ordering,
+        i if i == CONN_STATE.index => same_conns(old, new, |o, n| o.connection == n.connection),
+        i if i == PD_REPLICATION.index => same_conns(old, new, |o, n| {
+            same_pds(o, n, |po, pn| po.replication == pn.replication)
+        }),
+        i if i == PD_PEER_DISK.index => same_conns(old, new, |o, n| {
+            same_pds(o, n, |po, pn| po.peer_disk == pn.peer_disk)
+        }),
+        i if i == DEV_STATE.index => {
+            old.devices.len() == new.devices.len()
+                && old
+                    .devices
+                    .iter()
+                    .zip(new.devices.iter())
+                    .all(|((ko, o), (kn, n))| ko == kn && o.minor == n.minor && o.disk == n.disk)
+        }
+        _ => false,
+    }
+}
+
+impl Fragment {
+    /// Renders one resource's samples.
+    pub fn of(r: &Resource, opts: Options) -> Fragment {
+        Fragment::update(r, opts, None)
+    }
+
+    /// Renders one resource's samples; with `previous` (an earlier state of the resource and its
+    /// fragment, rendered with the same options), copies the one-hot families whose samples are the same.
+    pub fn update(
+        r: &Resource,
+        opts: Options,
+        previous: Option<(&Resource, &Fragment)>,
+    ) -> Fragment {
+        let mut w = FragmentWriter {
+            frag: Fragment {
+                text: String::with_capacity(
+                    previous.map_or(if opts.enums { 32 * 1024 } else { 8 * 1024 }, |(_, f)| {
+                        f.len() + 256
+                    }),
+                ),
+                ends: [0; FAMILY_COUNT],
+            },
+            next: 0,
+            current: None,
+            prefix: String::new(),
+            prefix_of: None,
+            previous,
+            resource: r,
+            copied: false,
+        };
+        render_resource(r, opts, &mut w);
+        w.finish()
+    }
+
+    /// The samples of family `i`.
+    pub fn family(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// Bytes of text.
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
+/// Identity of a label set: the addresses and lengths of its values. Samples of one object share the
+/// very same strings, so their series prefix is written once and copied.
+type LabelsId = ([(usize, usize); 5], usize);
+
+fn labels_id(labels: &[&str]) -> Option<LabelsId> {
+    if labels.len() > 5 {
+        return None;
+    }
+    let mut id = [(0, 0); 5];
+    for (slot, l) in id.iter_mut().zip(labels) {
+        *slot = (l.as_ptr() as usize, l.len());
+    }
+    Some((id, labels.len()))
+}
+
+/// The [`Sink`] that renders a [`Fragment`].
+struct FragmentWriter<'a> {
+    frag: Fragment,
+    /// Index of the family being written.
+    next: usize,
+    current: Option<&'static FamilyDef>,
+    /// `name{label="value",...` of the last sample, and whose it is.
+    prefix: String,
+    prefix_of: Option<(usize, LabelsId)>,
+    /// An earlier state of the resource and its fragment, to copy unchanged one-hot families from.
+    previous: Option<(&'a Resource, &'a Fragment)>,
+    resource: &'a Resource,
+    /// The current family was copied from `previous`: its samples are not written.
+    copied: bool,
+}
+
+impl FragmentWriter<'_> {
+    fn close_until(&mut self, i: usize) {
+        let len = self.frag.text.len() as u32;
+        while self.next < i {
+            self.frag.ends[self.next] = len;
+            self.next += 1;
+        }
+    }
+
+    fn finish(mut self) -> Fragment {
+        self.close_until(FAMILY_COUNT);
+        self.frag
+    }
+}
+
+impl Sink for FragmentWriter<'_> {
     fn family(&mut self, def: &'static FamilyDef) {
+        debug_assert!(def.index >= self.next, "families out of order");
+        self.close_until(def.index);
         self.current = Some(def);
-        self.header_done = false;
+        self.copied = false;
+        if let Some((old, frag)) = self.previous {
+            if def.enums_only && same_one_hot(def, old, self.resource) {
+                self.frag.text.push_str(frag.family(def.index));
+                self.copied = true;
+            }
+        }
     }
 
     fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
-        let Some(def) = self.current else { return };
-        let out = &mut *self.out;
-        if !self.header_done {
-            self.header_done = true;
-            out.push_str("# HELP ");
-            out.push_str(def.name);
-            out.push(' ');
-            push_escaped(out, def.help, false);
-            out.push_str("\n# TYPE ");
-            out.push_str(def.name);
-            out.push(' ');
-            out.push_str(def.kind.as_str());
-            out.push('\n');
+        if self.copied {
+            return;
         }
-        out.push_str(def.name);
-        let values = labels.iter().copied().chain(extra);
-        let mut sep = '{';
-        for (n, v) in def.labels.iter().zip(values) {
-            out.push(sep);
+        let Some(def) = self.current else { return };
+        let id = labels_id(labels).map(|l| (def.index, l));
+        if id.is_none() || id != self.prefix_of {
+            let p = &mut self.prefix;
+            p.clear();
+            p.push_str(def.name);
+            let mut sep = '{';
+            for (n, v) in def.labels.iter().zip(labels) {
+                p.push(sep);
+                p.push_str(n);
+                p.push_str("=\"");
+                push_escaped(p, v, true);
+                p.push('"');
+                sep = ',';
+            }
+            self.prefix_of = id;
+        }
+        let out = &mut self.frag.text;
+        out.push_str(&self.prefix);
+        let written = def.labels.len().min(labels.len());
+        let mut any = written > 0;
+        if let (Some(e), Some(n)) = (extra, def.labels.get(labels.len())) {
+            out.push(if any { ',' } else { '{' });
             out.push_str(n);
             out.push_str("=\"");
-            push_escaped(out, v, true);
+            push_escaped(out, e, true);
             out.push('"');
-            sep = ',';
+            any = true;
         }
-        if sep == ',' {
+        if any {
             out.push('}');
         }
         out.push(' ');
@@ -578,18 +818,99 @@ impl Sink for TextSink<'_> {
     }
 }
 
-/// Builds `prometheus` crate metric families.
-#[derive(Default)]
-pub struct ProtoSink {
-    families: Vec<proto::MetricFamily>,
+/// A [`Sink`] writing the global families' text (headers included).
+struct GlobalsWriter<'a> {
+    out: &'a mut String,
     current: Option<&'static FamilyDef>,
 }
 
+impl Sink for GlobalsWriter<'_> {
+    fn family(&mut self, def: &'static FamilyDef) {
+        self.current = Some(def);
+        push_header(self.out, def);
+    }
+
+    fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
+        let Some(def) = self.current else { return };
+        let none = Resource::default();
+        let mut w = FragmentWriter {
+            frag: Fragment {
+                text: std::mem::take(self.out),
+                ends: [0; FAMILY_COUNT],
+            },
+            next: 0,
+            current: Some(def),
+            prefix: String::new(),
+            prefix_of: None,
+            previous: None,
+            resource: &none,
+            copied: false,
+        };
+        w.sample(labels, extra, value);
+        *self.out = w.frag.text;
+    }
+}
+
+/// Bytes [`write_exposition`] will write for these fragments, headers included (an upper bound).
+pub fn exposition_len<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> usize {
+    let headers: usize = FAMILIES
+        .iter()
+        .map(|f| f.help.len() + 2 * f.name.len() + 24)
+        .sum();
+    headers + fragments.into_iter().map(Fragment::len).sum::<usize>()
+}
+
+/// Writes the text exposition: the global families, then per family its header (when any resource has
+/// samples of it) and the samples of every fragment, in the given order (resources by name).
+pub fn write_exposition(
+    out: &mut String,
+    resources: usize,
+    version: DrbdVersion,
+    fragments: &[&Fragment],
+) {
+    render_globals(
+        resources,
+        version,
+        &mut GlobalsWriter { out, current: None },
+    );
+    for def in FAMILIES.iter().skip(RESOURCES.index + 1) {
+        let mut header = false;
+        for f in fragments {
+            let text = f.family(def.index);
+            if text.is_empty() {
+                continue;
+            }
+            if !header {
+                push_header(out, def);
+                header = true;
+            }
+            out.push_str(text);
+        }
+    }
+}
+
+/// Builds `prometheus` crate metric families.
+pub struct ProtoSink {
+    /// By family index.
+    families: Vec<Option<proto::MetricFamily>>,
+    current: Option<&'static FamilyDef>,
+}
+
+impl Default for ProtoSink {
+    fn default() -> Self {
+        ProtoSink {
+            families: vec![None; FAMILY_COUNT],
+            current: None,
+        }
+    }
+}
+
 impl ProtoSink {
-    /// The families that got at least one sample.
+    /// The families that got at least one sample, in [`FAMILIES`] order.
     pub fn finish(self) -> Vec<proto::MetricFamily> {
         self.families
             .into_iter()
+            .flatten()
             .filter(|f| !f.get_metric().is_empty())
             .collect()
     }
@@ -598,18 +919,23 @@ impl ProtoSink {
 impl Sink for ProtoSink {
     fn family(&mut self, def: &'static FamilyDef) {
         self.current = Some(def);
-        let mut f = proto::MetricFamily::default();
-        f.set_name(def.name.to_string());
-        f.set_help(def.help.to_string());
-        f.set_field_type(match def.kind {
-            Kind::Gauge => proto::MetricType::GAUGE,
-            Kind::Counter => proto::MetricType::COUNTER,
+        self.families[def.index].get_or_insert_with(|| {
+            let mut f = proto::MetricFamily::default();
+            f.set_name(def.name.to_string());
+            f.set_help(def.help.to_string());
+            f.set_field_type(match def.kind {
+                Kind::Gauge => proto::MetricType::GAUGE,
+                Kind::Counter => proto::MetricType::COUNTER,
+            });
+            f
         });
-        self.families.push(f);
     }
 
     fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
-        let (Some(def), Some(f)) = (self.current, self.families.last_mut()) else {
+        let Some(def) = self.current else {
+            return;
+        };
+        let Some(f) = self.families[def.index].as_mut() else {
             return;
         };
         let pairs = def
@@ -642,10 +968,14 @@ impl Sink for ProtoSink {
 
 /// The text exposition of `view`.
 pub fn to_text(view: &View) -> String {
-    // About 7 KB per resource of 2 volumes and 2 peers, 30 KB with the enum families.
-    let per_resource = if view.enums { 30_000 } else { 7_000 };
-    let mut out = String::with_capacity(1024 + view.resources.len() * per_resource);
-    render(view, &mut TextSink::new(&mut out));
+    let frags: Vec<Fragment> = view
+        .resources
+        .iter()
+        .map(|r| Fragment::of(r, view.options()))
+        .collect();
+    let refs: Vec<&Fragment> = frags.iter().collect();
+    let mut out = String::with_capacity(exposition_len(refs.iter().copied()));
+    write_exposition(&mut out, view.resources.len(), view.version, &refs);
     out
 }
 
