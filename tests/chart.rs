@@ -1049,6 +1049,8 @@ fn emitted_families() -> BTreeMap<String, Option<BTreeSet<String>>> {
                 kmod: (9, 2, 12),
                 utils: (9, 30, 0),
             },
+            // Both spellings of the peer byte counters, so a query may use either.
+            peer_byte_counters: render::PeerByteCounters::Both,
         };
         add_text(&render::to_text(&view));
         samples += 1;

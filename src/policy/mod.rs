@@ -491,7 +491,8 @@ mod tests {
         assert_eq!(rules.len(), 4);
         assert_eq!(rules[0], "size(self.start) > 0");
         assert!(
-            rules[1].contains("!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket')"),
+            rules[1]
+                .contains("!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket')"),
             "{}",
             rules[1]
         );
