@@ -26,14 +26,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// No `-` in the names: systemd would escape it (`\\x2d`) in the target's name.
 fn res_name(i: usize) -> String {
-    format!("pvc-{i:05}")
+    format!("r{i:05}")
 }
 
 fn device_line(verb: &str, res: &str, quorum: &str) -> String {
     format!(
         "{verb} device name:{res} volume:0 minor:{} backing_dev:/dev/vg/{res} disk:UpToDate client:no open:no quorum:{quorum} size:10485760 read:0 written:0 al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 al-suspended:no blocked:no",
-        1000 + res[4..].parse::<u32>().unwrap_or(0)
+        1000 + res[1..].parse::<u32>().unwrap_or(0)
     )
 }
 
@@ -55,11 +56,27 @@ fn dump(n: usize) -> String {
 }
 
 /// Relay mode: `--relay FIFO DUMP <drbdsetup args>`. `events2`: print DUMP, then every line written into
-/// FIFO, flushed one by one, until stdin (the agent's `--poll` pipe) closes. Anything else (`show`,
-/// `status`): `[]`, as drbdsetup prints for an unknown resource.
+/// FIFO, flushed one by one, until stdin (the agent's `--poll` pipe) closes. `show RES`: the resource's
+/// options as drbd-sim prints them (quorum majority, the split-brain-avoidance policy the promoter
+/// detects). Anything else: `[]`, as drbdsetup prints for an unknown resource.
 fn relay(args: &[String]) -> ! {
     let (fifo, dump) = (&args[0], &args[1]);
-    if !args[2..].iter().any(|a| a == "events2") {
+    let rest = &args[2..];
+    if let Some(i) = rest.iter().position(|a| a == "show") {
+        let res = rest.get(i + 1).cloned().unwrap_or_default();
+        let conn = |p: u32| {
+            format!(
+                r#"{{"net":{{"fencing":"dont-care","rr-conflict":"disconnect","allow-two-primaries":false,"_name":"node-{p}"}},"_peer_node_id":{p}}}"#
+            )
+        };
+        println!(
+            r#"[{{"resource":"{res}","options":{{"on-no-data-accessible":"io-error","auto-promote":false,"quorum":"majority","on-no-quorum":"io-error","on-suspended-primary-outdated":"disconnect"}},"_this_host":{{"node-id":0,"volumes":[{{"volume_nr":0,"device_minor":1000,"meta-disk":"internal"}}]}},"connections":[{},{}]}}]"#,
+            conn(1),
+            conn(2)
+        );
+        std::process::exit(0);
+    }
+    if !rest.iter().any(|a| a == "events2") {
         println!("[]");
         std::process::exit(0);
     }
