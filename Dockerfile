@@ -37,7 +37,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/drbd-sim.rs \
     && touch src/lib.rs \
-    && for b in engine metrics sim; do echo 'fn main() {}' > "benches/$b.rs"; done \
+    && for b in engine metrics sim promoter promoter_latency; do echo 'fn main() {}' > "benches/$b.rs"; done \
     && cargo build --release --locked --bin drbd-reactor \
     && rm -rf src benches
 

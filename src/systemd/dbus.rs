@@ -4,9 +4,8 @@
 //! makes calls fail with a clear error, and the next call reconnects. Each connection subscribes once
 //! (AddMatch for `JobRemoved`, then `Manager.Subscribe`) and keeps that signal stream open for its whole
 //! life, so the stream is always open *before* any StartUnit/StopUnit is sent on it: no job can finish
-//! unseen. A dispatcher task hands each `JobRemoved` to the caller waiting for that job path; a result that
-//! arrives before its caller got the job path back (the signal can overtake nothing, but the caller may
-//! not have registered yet) is kept until claimed.
+//! unseen. A dispatcher task hands each `JobRemoved` to the callers waiting for that job path, and keeps
+//! recent results for callers that get the job path back after the job already finished (see [`Jobs`]).
 
 use super::{JobResult, ServiceManager, SystemdError, UnitState};
 use futures::future::BoxFuture;
@@ -79,30 +78,33 @@ impl Default for DbusOptions {
     }
 }
 
-/// How many results of jobs nobody (yet) waits for are kept: jobs of other clients, and ours whose
-/// caller has not registered yet.
-const UNCLAIMED_RESULTS: usize = 4096;
+/// How many results of finished jobs are kept (ours and other clients'), for callers that ask after the
+/// job finished.
+const RECENT_RESULTS: usize = 4096;
 
+/// Finished jobs and the callers waiting for them. systemd merges a start/stop into a job already queued
+/// for the unit and returns that job's path to every caller, so several callers may wait for one path, and
+/// one may ask only after the job finished and another caller got the result: results stay in a bounded
+/// ring of recent ones (job paths are unique for the life of a systemd).
 #[derive(Default)]
 struct Jobs {
-    waiters: HashMap<String, oneshot::Sender<String>>,
-    unclaimed: HashMap<String, String>,
+    waiters: HashMap<String, Vec<oneshot::Sender<String>>>,
+    recent: HashMap<String, String>,
     order: VecDeque<String>,
     closed: bool,
 }
 
 impl Jobs {
     fn finished(&mut self, job: String, result: String) {
-        if let Some(tx) = self.waiters.remove(&job) {
-            let _ = tx.send(result);
-            return;
+        for tx in self.waiters.remove(&job).into_iter().flatten() {
+            let _ = tx.send(result.clone());
         }
-        if self.unclaimed.insert(job.clone(), result).is_none() {
+        if self.recent.insert(job.clone(), result).is_none() {
             self.order.push_back(job);
         }
-        while self.order.len() > UNCLAIMED_RESULTS {
+        while self.order.len() > RECENT_RESULTS {
             if let Some(old) = self.order.pop_front() {
-                self.unclaimed.remove(&old);
+                self.recent.remove(&old);
             }
         }
     }
@@ -110,16 +112,25 @@ impl Jobs {
     /// The result if the job already finished, otherwise a receiver for it; `None` when the connection
     /// is gone.
     fn claim(&mut self, job: &str) -> Option<Result<String, oneshot::Receiver<String>>> {
-        if let Some(r) = self.unclaimed.remove(job) {
-            self.order.retain(|j| j != job);
-            return Some(Ok(r));
+        if let Some(r) = self.recent.get(job) {
+            return Some(Ok(r.clone()));
         }
         if self.closed {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        self.waiters.insert(job.to_string(), tx);
+        self.waiters.entry(job.to_string()).or_default().push(tx);
         Some(Err(rx))
+    }
+
+    /// A caller gave up waiting (timeout): drop its dead sender.
+    fn forget(&mut self, job: &str) {
+        if let Some(v) = self.waiters.get_mut(job) {
+            v.retain(|tx| !tx.is_closed());
+            if v.is_empty() {
+                self.waiters.remove(job);
+            }
+        }
     }
 }
 
@@ -212,7 +223,7 @@ impl DbusManager {
         };
         let conn = zbus::connection::Builder::address(self.address.as_str())
             .method_timeout(self.opts.call_timeout)
-            .max_queued(NonZeroUsize::new(UNCLAIMED_RESULTS).unwrap_or(NonZeroUsize::MIN))
+            .max_queued(NonZeroUsize::new(RECENT_RESULTS).unwrap_or(NonZeroUsize::MIN))
             .build();
         let conn = tokio::time::timeout(self.opts.call_timeout, conn)
             .await
@@ -325,7 +336,7 @@ impl DbusManager {
                 Err(lost())
             }
             Err(_) => {
-                lock(&link.jobs).waiters.remove(job.as_str());
+                lock(&link.jobs).forget(job.as_str());
                 Err(SystemdError::JobTimeout {
                     method,
                     unit: unit.to_string(),
@@ -418,18 +429,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_result_that_arrives_before_its_caller_is_kept_until_claimed() {
+    fn a_result_that_arrives_before_its_callers_is_kept_for_all_of_them() {
         let mut j = Jobs::default();
         j.finished("/org/freedesktop/systemd1/job/7".into(), "done".into());
-        assert_eq!(
-            j.claim("/org/freedesktop/systemd1/job/7").map(|r| r.ok()),
-            Some(Some("done".to_string()))
-        );
-        // Claimed once: a second claim waits.
-        assert!(matches!(
-            j.claim("/org/freedesktop/systemd1/job/7"),
-            Some(Err(_))
-        ));
+        // systemd merged two calls into job 7: both callers get its result, also after the first one.
+        for _ in 0..2 {
+            assert_eq!(
+                j.claim("/org/freedesktop/systemd1/job/7").map(|r| r.ok()),
+                Some(Some("done".to_string()))
+            );
+        }
+    }
+
+    #[test]
+    fn callers_waiting_for_one_merged_job_all_get_its_result() {
+        let mut j = Jobs::default();
+        let (Some(Err(mut a)), Some(Err(mut b))) = (j.claim("/job/3"), j.claim("/job/3")) else {
+            panic!("expected receivers")
+        };
+        j.finished("/job/3".into(), "canceled".into());
+        assert_eq!(a.try_recv().ok().as_deref(), Some("canceled"));
+        assert_eq!(b.try_recv().ok().as_deref(), Some("canceled"));
     }
 
     #[test]
@@ -442,23 +462,20 @@ mod tests {
         assert!(rx.try_recv().is_err());
         j.finished("/job/1".into(), "dependency".into());
         assert_eq!(rx.try_recv().ok().as_deref(), Some("dependency"));
-        assert_eq!(
-            j.unclaimed.get("/job/2").map(String::as_str),
-            Some("failed")
-        );
+        assert_eq!(j.recent.get("/job/2").map(String::as_str), Some("failed"));
     }
 
     #[test]
-    fn unclaimed_results_are_bounded_and_closed_links_refuse_waiters() {
+    fn recent_results_are_bounded_and_closed_links_refuse_waiters() {
         let mut j = Jobs::default();
-        for i in 0..UNCLAIMED_RESULTS + 10 {
+        for i in 0..RECENT_RESULTS + 10 {
             j.finished(format!("/job/{i}"), "done".into());
         }
-        assert_eq!(j.unclaimed.len(), UNCLAIMED_RESULTS);
-        assert!(!j.unclaimed.contains_key("/job/0"));
+        assert_eq!(j.recent.len(), RECENT_RESULTS);
+        assert!(!j.recent.contains_key("/job/0"));
         assert!(j
-            .unclaimed
-            .contains_key(&format!("/job/{}", UNCLAIMED_RESULTS + 9)));
+            .recent
+            .contains_key(&format!("/job/{}", RECENT_RESULTS + 9)));
         j.closed = true;
         assert!(j.claim("/job/none").is_none());
     }

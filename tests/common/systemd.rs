@@ -40,8 +40,10 @@ pub struct SystemdNs {
     pub bus: String,
     /// Its cgroup2 subtree (host path).
     pub cgroup: PathBuf,
-    /// systemd's console log.
+    /// Output of the boot script (systemd's console is no terminal, so its messages go to the journal).
     pub log: PathBuf,
+    /// The journal inside (`/run/log/journal`, volatile), readable with `journalctl -D`.
+    pub journal: PathBuf,
 }
 
 fn skip(test: &str, why: &str) -> Option<SystemdNs> {
@@ -105,6 +107,7 @@ impl SystemdNs {
             bus: get("SD_BUS"),
             cgroup: PathBuf::from(get("SD_CGROUP")),
             log: PathBuf::from(get("SD_LOG")),
+            journal: PathBuf::from(get("SD_JOURNAL")),
             run_dir,
         })
     }
@@ -168,9 +171,24 @@ impl SystemdNs {
         assert!(o.status.success(), "starting dbus: {o:?}");
     }
 
-    /// The last lines of systemd's console log (for failure messages).
+    /// The whole journal inside: systemd's messages and the units' output (also after that systemd
+    /// exited, until drop).
+    pub fn journal(&self) -> String {
+        let o = Command::new("journalctl")
+            .arg("-D")
+            .arg(&self.journal)
+            .args(["--no-pager", "-o", "short-monotonic"])
+            .stdin(Stdio::null())
+            .output();
+        match o {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Err(e) => format!("(journalctl: {e})"),
+        }
+    }
+
+    /// The last lines of the journal (for failure messages).
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let s = self.journal();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

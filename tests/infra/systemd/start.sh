@@ -4,7 +4,8 @@
 # namespaces, overlay root, private /tmp and /dev, read-only /proc/sys and /sys, own cgroup2 subtree).
 #
 #   B="$(tests/infra/systemd/start.sh)"   # prints the run dir on stdout (nothing else)
-#   source "$B/env"                       # SD_PID SDRUN SD_UNIT_DIR SD_BUS SD_CGROUP SD_LOG
+#   source "$B/env"                       # SD_PID SDRUN SD_UNIT_DIR SD_BUS SD_CGROUP SD_LOG SD_JOURNAL
+#   journalctl -D "$SD_JOURNAL"           # its journal (systemd's messages, units' output)
 #   busctl --address="$SD_BUS" status org.freedesktop.systemd1
 #   nsenter -t "$SD_PID" -m -p systemctl status x.service
 #   tests/infra/systemd/stop.sh "$B"      # poweroff, kill, remove cgroup and run dir
@@ -58,6 +59,7 @@ SD_UNIT_DIR=$SDRUN/systemd/system
 SD_BUS=$BUS
 SD_CGROUP=$CGROOT/$CG
 SD_LOG=$LOG
+SD_JOURNAL=$SDRUN/log/journal
 EOF
 
 fail() {
@@ -139,6 +141,16 @@ done
 sed -i "s|^SD_PID=.*|SD_PID=$SP|" "$B/env"
 echo "$L" > "$B/launcher.pid"
 
+# A journal inside, volatile (in $SDRUN/log/journal, readable from the host with journalctl -D): systemd's
+# own messages and the units' output. (Its console log is lost: /dev/console here is no terminal.)
+mkdir -p "$SDRUN/systemd/journald.conf.d"
+printf '[Journal]\nStorage=volatile\nForwardToConsole=no\nForwardToKMsg=no\nForwardToSyslog=no\nForwardToWall=no\n' \
+    > "$SDRUN/systemd/journald.conf.d/drbd-reactor-test.conf"
+if nsenter -t "$SP" -m -p systemctl start systemd-journald.service >>"$LOG" 2>&1; then
+    nsenter -t "$SP" -m -p systemctl log-target journal >>"$LOG" 2>&1 || true
+else
+    echo "[systemd-ns] no journal inside (systemd-journald did not start); continuing" >>"$LOG"
+fi
 nsenter -t "$SP" -m -p systemctl start dbus.service >>"$LOG" 2>&1 || fail "cannot start dbus.service inside"
 until busctl --address="$BUS" status org.freedesktop.systemd1 >/dev/null 2>&1; do
     [ "$(date +%s)" -lt "$deadline" ] || fail "org.freedesktop.systemd1 did not appear on $BUS within ${TIMEOUT}s"
