@@ -130,6 +130,13 @@ impl Effects {
         let target = target_unit(&spec.name);
         let r = m.stop_unit(&target).await;
         let promote = promote_unit(&spec.name);
+        // The target's stop job finishes as soon as the target is inactive, while the stop of the promote
+        // unit (the demotion, ordered after the services' stops) may still be queued. Wait for it too:
+        // systemd hands us the queued job, so this is the same demotion, not a second one. Only then is
+        // DRBD Secondary here, and only then may the caller remove unit files or report the stop done.
+        if let Err(e) = m.stop_unit(&promote).await {
+            tracing::warn!(unit = %promote, error = %e, "waiting for the demotion");
+        }
         if m.unit_state(&promote)
             .await
             .is_ok_and(|s| s.active_state == "failed")
