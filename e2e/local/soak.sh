@@ -81,11 +81,9 @@ random_fault() {
     faults=$((faults + 1))
 }
 
-while ((SECONDS < SOAK_END)); do
-    if ((SECONDS >= next_fault)); then
-        random_fault
-        next_fault=$((SECONDS + 2 + RANDOM % 4))
-    fi
+overlaps=0
+take_sample() {
+    local n
     on="" with_q=0 without_q=0
     for n in "${NODES[@]}"; do
         [[ "${DOWN[$n]}" == 0 ]] || continue
@@ -94,6 +92,19 @@ while ((SECONDS < SOAK_END)); do
             if [[ "$(quorum_of "$n")" == True ]]; then with_q=$((with_q + 1)); else without_q=$((without_q + 1)); fi
         fi
     done
+}
+while ((SECONDS < SOAK_END)); do
+    if ((SECONDS >= next_fault)); then
+        random_fault
+        next_fault=$((SECONDS + 2 + RANDOM % 4))
+    fi
+    take_sample
+    if ((with_q > 1)); then
+        # The nodes are read one after the other (~0.1 s apart): a hand-over between two reads looks like
+        # an overlap. Only an overlap that a second reading confirms counts.
+        overlaps=$((overlaps + 1))
+        take_sample
+    fi
     samples=$((samples + 1))
     ((with_q == 1)) && s_one=$((s_one + 1))
     ((with_q + without_q == 0)) && s_none=$((s_none + 1))
@@ -116,6 +127,7 @@ proms=$(($(promotions) - prom0))
 log "soak figures: ${SOAK} s, ${faults} faults (${crashes} crashes, ${cuts} cuts, ${edits} policy edits), ${samples} samples"
 log "soak figures: services on exactly one node with quorum in ${s_one} samples, on none in ${s_none} (failover gaps),"
 log "              on a node without quorum (until it reacts) in ${s_without_quorum}, on two nodes with quorum in ${s_two_quorum}"
+log "soak figures: ${overlaps} apparent overlaps between sequential reads, not confirmed by a second reading unless counted above"
 log "soak figures: ${proms} promotions in the simulated cluster, ${umh_runs} UMH runs"
 for p in "${!RSS0[@]}"; do
     log "soak figures: agent pid $p RSS first ${RSS0[$p]} KiB, max ${RSSMAX[$p]} KiB"
