@@ -316,6 +316,18 @@ for p in metrics e2e-umh e2e-promoter; do
     eventually "policy $p has status entries for n1, n2, n3" status_nodes "$p"
 done
 
+# The promoter's explanation on the policy status (the promoted node's entry), and its Event.
+promoter_status() {
+    [[ "$(kc get rpol e2e-promoter -o json | json "[r.get('state') for e in d.get('status', {}).get('nodes', []) if e['node'] == '$P1' for r in e.get('resources', []) if r.get('name') == '$RES']")" == "['active']" ]]
+}
+eventually "policy e2e-promoter status: $RES active on $P1" promoter_status
+promoted_event() {
+    kc get events.events.k8s.io -A -o json \
+        | json "[e for e in d['items'] if e.get('reason') == 'Promoted' and e.get('regarding', {}).get('name') == 'e2e-promoter' and '$P1' in e.get('note', '')]" \
+        | grep -q "Promoted"
+}
+eventually "a Promoted Event on policy e2e-promoter names $P1" promoted_event
+
 # Stop on demand 1: quorum loss on the Primary's node → it stops the services, another node takes over.
 log "cutting $P1 off from both peers (quorum loss there)"
 for n in "${NODES[@]}"; do [[ "$n" == "$P1" ]] || ctl cut "$P1" "$n"; done
