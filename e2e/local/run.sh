@@ -359,8 +359,8 @@ check "the services stay on $P3 only" stable_p3
 kc delete rpol e2e-promoter >/dev/null
 none_runs() { [[ -z "$(running)" ]]; }
 eventually "policy deleted: $UNIT runs nowhere" none_runs
-# (counted, but not fatal: the soak can still run; see the issue #8 report — the unit files are sometimes
-# removed before the promote unit's stop job ran, so DRBD stays Primary)
+# (counted, but not fatal, so the soak can still run. This caught a real bug: unit files were removed before
+# the promote unit's stop job — the demotion — ran; a stop now waits for that job.)
 eventually "policy deleted: $P3 demoted" is_secondary "$P3" || true
 
 # Logs: no panic anywhere.
