@@ -278,14 +278,21 @@ fn drbdsetup_killed_during_the_initial_dump_is_not_ready_until_a_complete_one() 
     );
 }
 
-#[test]
-fn a_flapping_policy_directory_keeps_the_instances_in_force() {
+/// A temporary directory with a debugger policy and a replay script of one complete dump:
+/// (directory, policy directory, script).
+fn complete_dump_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let pol = dir.path().join("policies");
     debugger_policy(&pol);
     let (dump, _) = dump();
     let script = dir.path().join("stream.txt");
     write(&script, &format!("{dump}exists -\n"));
+    (dir, pol, script)
+}
+
+#[test]
+fn a_flapping_policy_directory_keeps_the_instances_in_force() {
+    let (dir, pol, script) = complete_dump_setup();
     let agent = Agent::start(&pol, &script, &["--policy-poll-interval", "1"]);
     agent.wait_for("ready", Duration::from_secs(20), |a| {
         a.get("/readyz").0 == 200
@@ -330,12 +337,7 @@ fn a_flapping_policy_directory_keeps_the_instances_in_force() {
 
 #[test]
 fn a_taken_http_port_is_reported_and_retried_not_silently_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let pol = dir.path().join("policies");
-    debugger_policy(&pol);
-    let (dump, _) = dump();
-    let script = dir.path().join("stream.txt");
-    write(&script, &format!("{dump}exists -\n"));
+    let (_dir, pol, script) = complete_dump_setup();
     let port = free_port();
     let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let listen = format!("127.0.0.1:{port}");
