@@ -79,6 +79,7 @@ fi
 AGENT="$DRBD_REACTOR_BIN"
 SIM="$DRBD_SIM_BIN"
 [[ -x "$AGENT" && -x "$SIM" ]] || die "binaries not found: $AGENT $SIM"
+BIN_DIRS="$(printf '%s\n' "$(dirname "$(readlink -f "$SIM")")" "$(dirname "$(readlink -f "$AGENT")")" | sort -u | tr '\n' ' ')"
 
 # ---- state and teardown ---------------------------------------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/drbd-reactor-e2e-local.XXXXXXXX")"
@@ -190,7 +191,8 @@ chmod 600 "$SA_KUBECONFIG"
 # ---- three systemds, the simulated cluster --------------------------------------------------------------
 "$SIM" --cluster "$CLUSTER" ctl init >/dev/null
 for n in "${NODES[@]}"; do
-    SD_DIR[$n]="$(SD_BIND="$CLUSTER" SD_NAME="$n" SD_OWNER=$$ "$ROOT/tests/infra/systemd/start.sh")"
+    # the binaries' directories too: units run drbd-sim inside, and a checkout under /tmp would be hidden
+    SD_DIR[$n]="$(SD_BIND="$CLUSTER" SD_BIND_RO="$BIN_DIRS" SD_NAME="$n" SD_OWNER=$$ "$ROOT/tests/infra/systemd/start.sh")"
     SDPID[$n]="$(sed -n 's/^SD_PID=//p' "${SD_DIR[$n]}/env")"
     SDRUNDIR[$n]="$(sed -n 's/^SDRUN=//p' "${SD_DIR[$n]}/env")"
     UNITDIR[$n]="$(sed -n 's/^SD_UNIT_DIR=//p' "${SD_DIR[$n]}/env")"

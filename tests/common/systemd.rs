@@ -75,9 +75,15 @@ impl SystemdNs {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        // The test's binaries (drbd-sim in units, the ocf-wrapper) must run inside too, wherever the
+        // checkout is: under /tmp they would be hidden by the private /tmp, so bind their directory.
+        let mut ro = o.bind_ro.clone();
+        if let Some(bin_dir) = Path::new(env!("CARGO_BIN_EXE_drbd-sim")).parent() {
+            ro.push(bin_dir.to_path_buf());
+        }
         let mut cmd = Command::new(infra("start.sh"));
         cmd.env("SD_BIND", join(&o.bind))
-            .env("SD_BIND_RO", join(&o.bind_ro))
+            .env("SD_BIND_RO", join(&ro))
             .env("SD_OWNER", std::process::id().to_string())
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
