@@ -4,8 +4,8 @@
 
 mod common;
 
+use common::agent::collect;
 use common::{free_port, wait_until};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -42,14 +42,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
+        let lines = collect(child.stderr.take().unwrap());
         Agent {
             child,
             port,
