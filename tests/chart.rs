@@ -794,12 +794,12 @@ fn chart_and_manifests_apply_to_a_real_kube_apiserver() {
             }
         )
     });
-    run_ok(env.kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "crd/reactorpolicies.reactor.drbd.io",
-        "--timeout=120s",
-    ]));
+    run_ok(
+        Command::new(root().join("tests/infra/envtest/wait-established.sh"))
+            .arg(env.bin.join("kubectl"))
+            .arg(&env.kubeconfig)
+            .args(["reactorpolicies.reactor.drbd.io", "120"]),
+    );
     run_ok(
         env.kubectl()
             .args(["apply", "--server-side", "-f"])

@@ -159,14 +159,17 @@ impl Envtest {
                 None,
             );
         }
-        self.ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/reactorpolicies.reactor.drbd.io",
-            ],
-            None,
+        let out = Command::new(envtest_dir().join("wait-established.sh"))
+            .arg(self.bin.join("kubectl"))
+            .arg(self.dir.join("kubeconfig"))
+            .args(["reactorpolicies.reactor.drbd.io", "60"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the CRD did not become Established: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 

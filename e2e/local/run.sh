@@ -163,7 +163,7 @@ ENV_DIR="$(ENVTEST_START_TIMEOUT=120 "$ROOT/tests/infra/envtest/start.sh")"
 source "$ENV_DIR/env"
 log "kube-apiserver at $APISERVER_URL"
 kc apply --server-side -f "$ROOT/crds/" -f "$ROOT/manifests/namespace.yaml" -f "$ROOT/manifests/rbac.yaml" >/dev/null
-kc wait --for=condition=Established --timeout=60s crd/reactorpolicies.reactor.drbd.io >/dev/null
+"$ROOT/tests/infra/envtest/wait-established.sh" "$KUBECTL" "$ENV_DIR/kubeconfig" reactorpolicies.reactor.drbd.io 60
 for n in "${NODES[@]}"; do
     printf 'apiVersion: v1\nkind: Node\nmetadata: {name: %s, labels: {kubernetes.io/hostname: %s}}\n' "$n" "$n" |
         kc apply -f - >/dev/null

@@ -136,7 +136,7 @@ widget() {
     printf 'apiVersion: smoke.drbd-reactor.test/v1\nkind: Widget\nmetadata: {name: %s, namespace: default}\nspec: {minReplicas: %s, maxReplicas: %s}\n' "$1" "$2" "$3"
 }
 check "create CRD with x-kubernetes-validations" kubectl apply -f "${WORK}/crd.yaml"
-check "CRD becomes Established" kubectl wait --for=condition=Established --timeout=30s crd/widgets.smoke.drbd-reactor.test
+check "CRD becomes Established" "${SELF_DIR}/wait-established.sh" "${BIN_DIR}/kubectl" "$KUBECONFIG" widgets.smoke.drbd-reactor.test 30
 widget good 1 3 >"${WORK}/good.yaml"
 widget bad 5 2 >"${WORK}/bad.yaml"
 check "valid Widget accepted" kubectl create -f "${WORK}/good.yaml"
