@@ -16,7 +16,9 @@
 //! resource state it was rendered from. A resource whose state is still the very same `Arc` (the engine
 //! copies a resource before changing it while anyone holds it) has not changed, so a scrape re-renders
 //! only the resources that changed since the previous scrape and concatenates the kept text of the
-//! others, family by family, in the same order a full rendering has.
+//! others, family by family, in the same order a full rendering has. The instances render changed
+//! resources ahead of the scrape too ([`ExporterHub::prerender`], a second after a change, at most once
+//! a second), so a scrape after a statistics round does not pay for rendering it.
 
 pub mod render;
 
@@ -52,6 +54,11 @@ pub struct PrometheusSpec {
     #[serde(default, skip_serializing_if = "PeerByteCounters::is_default")]
     pub peer_byte_counters: PeerByteCounters,
 }
+
+/// How long after a change the exporter renders the changed resources ahead of the next scrape: it
+/// coalesces a burst (a statistics round touches every resource) and bounds the background rendering to
+/// once a second (about 11 ms of CPU for 1000 resources × 2 peers × 2 volumes that all changed).
+const PRERENDER_DELAY: Duration = Duration::from_secs(1);
 
 /// Longest time `drbdadm --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -247,9 +254,27 @@ impl ExporterHub {
     /// Appends the DRBD families in the text format, rendering anew only the resources that changed since
     /// the last call; false (nothing written) while no exporter instance runs.
     pub fn write_drbd(&self, out: &mut String) -> bool {
-        let Some((opts, first)) = self.options() else {
+        let Some((cache, version)) = self.refresh_fragments() else {
             return false;
         };
+        let frags: Vec<&Fragment> = cache.entries.iter().map(|(_, _, f)| f).collect();
+        // Room for the agent's own families too, which `render_metrics` appends.
+        out.reserve(render::exposition_len(frags.iter().copied()) + 16 * 1024);
+        render::write_exposition(out, frags.len(), version, &frags);
+        true
+    }
+
+    /// Renders the fragments of the resources that changed since the last rendering, ahead of the next
+    /// scrape, which then only concatenates kept text. Returns how many were rendered (0 while no
+    /// exporter instance runs).
+    pub fn prerender(&self) -> usize {
+        self.refresh_fragments().map_or(0, |(c, _)| c.rendered)
+    }
+
+    /// Brings the kept fragments up to date with the rendered slot's state; `None` while no exporter
+    /// instance runs.
+    fn refresh_fragments(&self) -> Option<(std::sync::MutexGuard<'_, FragmentCache>, DrbdVersion)> {
+        let (opts, first) = self.options()?;
         let current: Vec<(Arc<str>, Arc<Resource>)> = lock(&first.resources)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -280,14 +305,9 @@ impl ExporterHub {
             entries.push((name, res, frag));
         }
         drop(old);
-        let frags: Vec<&Fragment> = entries.iter().map(|(_, _, f)| f).collect();
-        // Room for the agent's own families too, which `render_metrics` appends.
-        out.reserve(render::exposition_len(frags.iter().copied()) + 16 * 1024);
-        render::write_exposition(out, frags.len(), version, &frags);
-        drop(frags);
         cache.entries = entries;
         cache.rendered = rendered;
-        true
+        Some((cache, version))
     }
 
     /// Resources rendered anew by the last scrape (the others reused their kept text).
@@ -446,9 +466,24 @@ impl Plugin for Prometheus {
                 }))
             };
             detail(0);
-            while let Some(d) = inbox.recv().await {
-                if let Delivery::Resources(touched) = d {
-                    detail(reg.apply(touched));
+            // A change is rendered ahead of the next scrape, at most once per PRERENDER_DELAY, so a
+            // scrape mostly concatenates kept text.
+            let mut due: Option<tokio::time::Instant> = None;
+            loop {
+                tokio::select! {
+                    d = inbox.recv() => match d {
+                        None => break,
+                        Some(Delivery::Resources(touched)) => {
+                            detail(reg.apply(touched));
+                            due.get_or_insert_with(|| tokio::time::Instant::now() + PRERENDER_DELAY);
+                        }
+                        Some(Delivery::Change(_)) => {}
+                    },
+                    () = async { tokio::time::sleep_until(due.expect("checked")).await }, if due.is_some() => {
+                        due = None;
+                        let hub = self.hub.clone();
+                        let _ = tokio::task::spawn_blocking(move || hub.prerender()).await;
+                    }
                 }
             }
             version.abort();
@@ -679,5 +714,73 @@ mod tests {
         outbox.close();
         task.await.unwrap().unwrap();
         assert!(hub.view().is_none());
+    }
+
+    #[test]
+    fn prerender_leaves_the_scrape_nothing_to_render_and_the_same_text() {
+        let hub = Arc::new(ExporterHub::default());
+        assert_eq!(hub.prerender(), 0, "no instance, nothing to render");
+        let reg = hub.register(id("p"), false);
+        reg.apply(vec![res("r1", Role::Primary), res("r2", Role::Secondary)]);
+        assert_eq!(hub.prerender(), 2);
+        assert_eq!(hub.prerender(), 0, "nothing changed since");
+        let mut text = String::new();
+        assert!(hub.write_drbd(&mut text));
+        assert_eq!(
+            hub.last_rendered(),
+            0,
+            "the scrape reused the prerendered fragments"
+        );
+        assert_eq!(text, render::to_text(&hub.view().unwrap()));
+
+        let mut r2 = Resource::new("r2");
+        r2.promotion_score = 10102;
+        reg.apply(vec![(Arc::from("r2"), Some(Arc::new(r2)))]);
+        assert_eq!(hub.prerender(), 1, "only the changed resource");
+        let mut after = String::new();
+        hub.write_drbd(&mut after);
+        assert_eq!(hub.last_rendered(), 0);
+        assert_ne!(after, text);
+        assert_eq!(after, render::to_text(&hub.view().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn the_plugin_prerenders_a_second_after_a_change() {
+        let hub = Arc::new(ExporterHub::default());
+        let p = Prometheus::from_config(&serde_json::json!({}), hub.clone()).unwrap();
+        let (mut outbox, inbox) = channel(p.subscription());
+        let ctx = PluginCtx {
+            id: id("p"),
+            node_name: "n".into(),
+            metrics: AgentMetrics::new(),
+            detail: DetailHandle::default(),
+            events: Default::default(),
+        };
+        let task = tokio::spawn(Box::new(p).run(inbox, ctx));
+        let t0 = std::time::Instant::now();
+        outbox.post(&[res("r1", Role::Primary), res("r2", Role::Primary)]);
+        // Nothing scrapes here: kept fragments can only come from the plugin's own rendering.
+        let kept = || lock(&hub.fragments).entries.len();
+        let mut seen_applied = false;
+        while kept() == 0 {
+            seen_applied |= hub.view().map(|v| v.resources.len()) == Some(2);
+            assert!(t0.elapsed() < Duration::from_secs(10), "never prerendered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen_applied, "applied before it was rendered");
+        assert!(
+            t0.elapsed() >= PRERENDER_DELAY,
+            "rendered after the delay, not at once"
+        );
+        assert_eq!(kept(), 2);
+        let mut text = String::new();
+        hub.write_drbd(&mut text);
+        assert_eq!(
+            hub.last_rendered(),
+            0,
+            "the scrape found everything rendered"
+        );
+        outbox.close();
+        task.await.unwrap().unwrap();
     }
 }

@@ -591,6 +591,19 @@ pub fn push_value(out: &mut String, v: f64) {
     }
 }
 
+/// `{name="value",...` of a label set, without the closing brace; nothing without labels.
+fn push_labels(out: &mut String, names: &[&str], values: &[&str]) {
+    let mut sep = '{';
+    for (n, v) in names.iter().zip(values) {
+        out.push(sep);
+        out.push_str(n);
+        out.push_str("=\"");
+        push_escaped(out, v, true);
+        out.push('"');
+        sep = ',';
+    }
+}
+
 /// `# HELP` and `# TYPE` lines of a family.
 fn push_header(out: &mut String, def: &FamilyDef) {
     out.push_str("# HELP ");
@@ -690,8 +703,8 @@ impl Fragment {
             },
             next: 0,
             current: None,
-            prefix: String::new(),
-            prefix_of: None,
+            labels: Vec::new(),
+            hit: 0,
             previous,
             resource: r,
             copied: false,
@@ -716,8 +729,9 @@ impl Fragment {
     }
 }
 
-/// Identity of a label set: the addresses and lengths of its values. Samples of one object share the
-/// very same strings, so their series prefix is written once and copied.
+/// Identity of a label set: the addresses and lengths of its values. The samples of one object, in every
+/// family, share the very same strings (alive while the resource renders), so their label text is
+/// written once per resource and copied.
 type LabelsId = ([(usize, usize); 5], usize);
 
 fn labels_id(labels: &[&str]) -> Option<LabelsId> {
@@ -737,9 +751,11 @@ struct FragmentWriter<'a> {
     /// Index of the family being written.
     next: usize,
     current: Option<&'static FamilyDef>,
-    /// `name{label="value",...` of the last sample, and whose it is.
-    prefix: String,
-    prefix_of: Option<(usize, LabelsId)>,
+    /// `{label="value",...` (without the closing brace) of each label set met in this resource, by label
+    /// names and [`LabelsId`]: an object's labels are the same in every family it has samples in.
+    labels: Vec<(&'static [&'static str], LabelsId, String)>,
+    /// Index in `labels` of the last sample's label set.
+    hit: usize,
     /// An earlier state of the resource and its fragment, to copy unchanged one-hot families from.
     previous: Option<(&'a Resource, &'a Fragment)>,
     resource: &'a Resource,
@@ -781,25 +797,34 @@ impl Sink for FragmentWriter<'_> {
             return;
         }
         let Some(def) = self.current else { return };
-        let id = labels_id(labels).map(|l| (def.index, l));
-        if id.is_none() || id != self.prefix_of {
-            let p = &mut self.prefix;
-            p.clear();
-            p.push_str(def.name);
-            let mut sep = '{';
-            for (n, v) in def.labels.iter().zip(labels) {
-                p.push(sep);
-                p.push_str(n);
-                p.push_str("=\"");
-                push_escaped(p, v, true);
-                p.push('"');
-                sep = ',';
-            }
-            self.prefix_of = id;
-        }
-        let out = &mut self.frag.text;
-        out.push_str(&self.prefix);
         let written = def.labels.len().min(labels.len());
+        let names = &def.labels[..written];
+        let values = &labels[..written];
+        let out = &mut self.frag.text;
+        out.push_str(def.name);
+        match labels_id(values) {
+            Some(id) => {
+                // Consecutive samples mostly share their labels (one-hot families); look there first.
+                let same = |(n, i, _): &(&[&str], LabelsId, String)| *i == id && *n == names;
+                let hit = self.labels.get(self.hit).is_some_and(same);
+                let at = match if hit {
+                    Some(self.hit)
+                } else {
+                    self.labels.iter().position(same)
+                } {
+                    Some(at) => at,
+                    None => {
+                        let mut body = String::with_capacity(64);
+                        push_labels(&mut body, names, values);
+                        self.labels.push((names, id, body));
+                        self.labels.len() - 1
+                    }
+                };
+                self.hit = at;
+                out.push_str(&self.labels[at].2);
+            }
+            None => push_labels(out, names, values),
+        }
         let mut any = written > 0;
         if let (Some(e), Some(n)) = (extra, def.labels.get(labels.len())) {
             out.push(if any { ',' } else { '{' });
@@ -840,8 +865,8 @@ impl Sink for GlobalsWriter<'_> {
             },
             next: 0,
             current: Some(def),
-            prefix: String::new(),
-            prefix_of: None,
+            labels: Vec::new(),
+            hit: 0,
             previous: None,
             resource: &none,
             copied: false,
