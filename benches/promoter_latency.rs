@@ -8,11 +8,16 @@
 //! quorum) and then copies each line the benchmark writes into FIFO to the agent's pipe at once. On the
 //! bus side a monitor connection (`BecomeMonitor`, in this process, on its own thread) timestamps every
 //! `StopUnit` call as the bus daemon routes it. One run: write `change device … quorum:no` for one
-//! resource, wait for `StopUnit(drbd-services@RES.target)` on the monitor, write `quorum:yes`; the
-//! latency is monitor time − write time (one monotonic clock: both ends are in this process).
+//! resource, wait for `StopUnit(drbd-services@RES.target)` on the monitor; the latency is monitor time −
+//! write time (one monotonic clock: both ends are in this process). Then wait for the agent's
+//! `StopUnit(drbd-promote@RES.service)` (it follows once the target is stopped) and 30 ms for systemd
+//! to run the demotion, write `quorum:yes`, and wait 10 ms more: each run starts on a settled system.
 //!
 //! Also measured, for the breakdown: our D-Bus client alone (`DbusManager::stop_unit` call → monitor).
-//! Env: BENCH_RUNS (default 1000), BENCH_RESOURCES (default "1,1000").
+//! Env: BENCH_RUNS (default 1000), BENCH_RESOURCES (default "1,1000"), BENCH_AGENT_LOG (the agent's
+//! RUST_LOG, default `warn`; e.g. `warn,systemd=debug,promoter=debug`), BENCH_TRACE (a file path: each
+//! run's write time and latency go to `PATH.<resources>`, to line up with the agent's log),
+//! BENCH_CLIENT_PAUSE_MS (idle time before each call of the client-alone measurement, default 0).
 
 #[path = "../tests/common/systemd.rs"]
 mod sdns;
@@ -106,7 +111,12 @@ fn relay(args: &[String]) -> ! {
     }
 }
 
-/// Runs a bus monitor on its own thread and runtime; sends (arrival time, unit) for every StopUnit call.
+/// What the monitor sends instead of a unit when its connection broke and it monitors again: calls made
+/// in between were not seen, so the run in progress has no measurement.
+const MONITOR_RESTARTED: &str = "";
+
+/// Runs a bus monitor on its own thread and runtime; sends (arrival time, unit) for every StopUnit call,
+/// and [`MONITOR_RESTARTED`] when it had to reconnect.
 fn monitor(bus: String) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -116,20 +126,39 @@ fn monitor(bus: String) -> mpsc::Receiver<(Instant, String)> {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let (_c, mut s) = sdns::bus_monitor(&bus, &["type='method_call',member='StopUnit'"])
-                .await
-                .expect("monitor connection");
-            let _ = ready_tx.send(());
-            while let Some(Ok(m)) = s.next().await {
-                let at = Instant::now();
-                if m.header().member().map(|x| x.as_str()) != Some("StopUnit") {
-                    continue;
+            let mut first = true;
+            loop {
+                let Ok((_c, mut s)) =
+                    sdns::bus_monitor(&bus, &["type='method_call',member='StopUnit'"]).await
+                else {
+                    // The bus is gone (the benchmark's systemd stopped).
+                    return;
+                };
+                if first {
+                    let _ = ready_tx.send(());
+                    first = false;
+                } else if tx.send((Instant::now(), MONITOR_RESTARTED.into())).is_err() {
+                    return;
                 }
-                if let Ok((unit, _mode)) = m.body().deserialize::<(String, String)>() {
-                    if tx.send((at, unit)).is_err() {
-                        return;
+                while let Some(m) = s.next().await {
+                    let at = Instant::now();
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            eprintln!("bus monitor: {e}");
+                            break;
+                        }
+                    };
+                    if m.header().member().map(|x| x.as_str()) != Some("StopUnit") {
+                        continue;
+                    }
+                    if let Ok((unit, _mode)) = m.body().deserialize::<(String, String)>() {
+                        if tx.send((at, unit)).is_err() {
+                            return;
+                        }
                     }
                 }
+                eprintln!("bus monitor: connection lost; monitoring again");
             }
         });
     });
@@ -241,7 +270,10 @@ fn bench_agent(ns: &sdns::SystemdNs, n: usize, runs: usize) -> Vec<Duration> {
         .arg("true")
         .arg("--umh-script-dir")
         .arg(work.path().join("umh"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -275,9 +307,16 @@ fn bench_agent(ns: &sdns::SystemdNs, n: usize, runs: usize) -> Vec<Duration> {
     let mon = monitor(ns.bus.clone());
     while mon.try_recv().is_ok() {}
     let mut lat = Vec::with_capacity(runs);
+    let mut lost = 0usize;
+    // BENCH_TRACE=FILE: per run "index resource write-time(unix s) latency(ns)", to line up with the
+    // agent's own timestamps (BENCH_AGENT_LOG=warn,systemd=debug logs each D-Bus call).
+    let mut trace = std::env::var_os("BENCH_TRACE").map(|p| {
+        std::fs::File::create(format!("{}.{n}", p.to_string_lossy())).expect("BENCH_TRACE file")
+    });
     for k in 0..runs {
         let r = res_name(k * 7919 % n);
         let unit = format!("drbd-services@{r}.target");
+        let wall0 = std::time::SystemTime::now();
         let t0 = Instant::now();
         fifo_w
             .write_all(format!("{}\n", device_line("change", &r, "no")).as_bytes())
@@ -285,19 +324,63 @@ fn bench_agent(ns: &sdns::SystemdNs, n: usize, runs: usize) -> Vec<Duration> {
         let deadline = t0 + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (at, u) = mon
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("run {k}: no StopUnit({unit}) within 30 s"));
+            let (at, u) = mon.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "run {k}: no StopUnit({unit}) within 30 s; the agent's /status:\n{}",
+                    http_get(port, "/status").unwrap_or_default()
+                )
+            });
             if u == unit {
                 lat.push(at.saturating_duration_since(t0));
+                if let Some(f) = trace.as_mut() {
+                    let w = wall0
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        f,
+                        "{k} {r} {}.{:09} {}",
+                        w.as_secs(),
+                        w.subsec_nanos(),
+                        at.saturating_duration_since(t0).as_nanos()
+                    );
+                }
+                break;
+            }
+            if u == MONITOR_RESTARTED {
+                eprintln!("run {k}: the bus monitor reconnected meanwhile; no measurement");
+                lost += 1;
                 break;
             }
         }
+        // The agent stops the promote unit (the demotion) once the target's stop job is done; wait for
+        // that call, then give systemd time to run the demotion, so that the next run does not
+        // compete with this one's aftermath for the two CPUs.
+        let promote = format!("drbd-promote@{r}.service");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let u = mon
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("run {k}: no StopUnit({promote}) within 30 s"))
+                .1;
+            if u == promote {
+                break;
+            }
+            if u == MONITOR_RESTARTED {
+                // The call may have been missed: just let everything settle.
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(30));
         fifo_w
             .write_all(format!("{}\n", device_line("change", &r, "yes")).as_bytes())
             .unwrap();
-        // Let the stop job finish before the next run.
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if lost > 0 {
+        println!(
+            "{lost} of {runs} runs without a measurement: the bus monitor lost its connection"
+        );
     }
     lat
 }
@@ -317,7 +400,16 @@ fn bench_client(ns: &sdns::SystemdNs, runs: usize) -> Vec<Duration> {
     rt.block_on(m.reload()).unwrap();
     let unit = "bench-idle.service".to_string();
     let mut lat = Vec::with_capacity(runs);
+    // BENCH_CLIENT_PAUSE_MS: idle time before each call (default 0: back to back), to compare with the
+    // agent's runs, which start on a settled, idle system.
+    let pause = Duration::from_millis(
+        std::env::var("BENCH_CLIENT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     for _ in 0..runs {
+        std::thread::sleep(pause);
         let t0 = Instant::now();
         // An inactive unit: the job is done at once; what counts is when the call reached the bus.
         rt.block_on(m.stop_unit(&unit)).unwrap();
@@ -325,6 +417,10 @@ fn bench_client(ns: &sdns::SystemdNs, runs: usize) -> Vec<Duration> {
             let (at, u) = mon.recv_timeout(Duration::from_secs(30)).unwrap();
             if u == unit {
                 lat.push(at.saturating_duration_since(t0));
+                break;
+            }
+            if u == MONITOR_RESTARTED {
+                eprintln!("the bus monitor reconnected meanwhile; no measurement");
                 break;
             }
         }

@@ -310,6 +310,7 @@ impl DbusManager {
 
     async fn job(&self, method: &'static str, unit: &str) -> Result<JobResult, SystemdError> {
         let link = self.link().await?;
+        tracing::debug!(target: "systemd", method, unit, "calling");
         let called = match method {
             "StartUnit" => link.manager.start_unit(unit, "replace").await,
             _ => link.manager.stop_unit(unit, "replace").await,
@@ -318,6 +319,7 @@ impl DbusManager {
             Ok(j) => j,
             Err(e) => return Err(self.call_err(&link, method, unit, e).await),
         };
+        tracing::debug!(target: "systemd", method, unit, job = job.as_str(), "job queued");
         let claimed = lock(&link.jobs).claim(job.as_str());
         let lost = || SystemdError::Call {
             method,
