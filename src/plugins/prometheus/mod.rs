@@ -508,6 +508,16 @@ mod tests {
         }
     }
 
+    fn plugin_ctx() -> PluginCtx {
+        PluginCtx {
+            id: id("p"),
+            node_name: "n".into(),
+            metrics: AgentMetrics::new(),
+            detail: DetailHandle::default(),
+            events: Default::default(),
+        }
+    }
+
     fn res(name: &str, role: Role) -> (Arc<str>, Option<Arc<Resource>>) {
         let mut r = Resource::new(name);
         r.role = role;
@@ -686,13 +696,7 @@ mod tests {
         let sub = p.subscription();
         assert!(sub.events && !sub.changes);
         let (mut outbox, inbox) = channel(sub);
-        let ctx = PluginCtx {
-            id: id("p"),
-            node_name: "n".into(),
-            metrics: AgentMetrics::new(),
-            detail: DetailHandle::default(),
-            events: Default::default(),
-        };
+        let ctx = plugin_ctx();
         let task = tokio::spawn(Box::new(p).run(inbox, ctx.clone()));
         outbox.post(&[res("r1", Role::Primary), res("r2", Role::Primary)]);
         let wait = |n: usize| {
@@ -749,13 +753,7 @@ mod tests {
         let hub = Arc::new(ExporterHub::default());
         let p = Prometheus::from_config(&serde_json::json!({}), hub.clone()).unwrap();
         let (mut outbox, inbox) = channel(p.subscription());
-        let ctx = PluginCtx {
-            id: id("p"),
-            node_name: "n".into(),
-            metrics: AgentMetrics::new(),
-            detail: DetailHandle::default(),
-            events: Default::default(),
-        };
+        let ctx = plugin_ctx();
         let task = tokio::spawn(Box::new(p).run(inbox, ctx));
         let t0 = std::time::Instant::now();
         outbox.post(&[res("r1", Role::Primary), res("r2", Role::Primary)]);
