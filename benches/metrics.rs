@@ -73,6 +73,39 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// A thread scraping `/metrics` back to back until stopped.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    scrapes: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Scraper {
+    fn start(hub: &Arc<ExporterHub>, agent: &AgentMetrics) -> Scraper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let (hub, agent, s, n) = (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Scraper {
+            stop,
+            scrapes,
+            thread,
+        }
+    }
+
+    /// Stops the thread; the number of scrapes it made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.scrapes.load(Ordering::Relaxed)
+    }
+}
+
 fn id(p: &str) -> InstanceId {
     InstanceId {
         policy: p.to_string(),
@@ -284,18 +317,7 @@ fn bench(c: &mut Criterion) {
     // time per round should not grow (its wall time may, on a machine with fewer free cores than
     // threads).
     for scraping in [false, true] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let scrapes = Arc::new(AtomicU64::new(0));
-        let scraper = scraping.then(|| {
-            let (hub, agent, stop, scrapes) =
-                (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
-                    scrapes.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        });
+        let scraper = scraping.then(|| Scraper::start(&hub, &agent));
         const ROUNDS: u32 = 40;
         let (t, c0) = (std::time::Instant::now(), thread_cpu());
         for i in 0..ROUNDS as usize {
@@ -304,15 +326,11 @@ fn bench(c: &mut Criterion) {
             reg.apply(engine.state.take_dirty());
         }
         let (wall, cpu) = (t.elapsed() / ROUNDS, (thread_cpu() - c0) / ROUNDS);
-        stop.store(true, Ordering::Relaxed);
-        if let Some(t) = scraper {
-            let _ = t.join();
-        }
+        let scrapes = scraper.map_or(0, Scraper::stop);
         eprintln!(
-            "events, {} lines per round, scraping={scraping}: {cpu:.2?} CPU, {wall:.2?} wall per round ({:.0} lines per CPU second; {} scrapes meanwhile)",
+            "events, {} lines per round, scraping={scraping}: {cpu:.2?} CPU, {wall:.2?} wall per round ({:.0} lines per CPU second; {scrapes} scrapes meanwhile)",
             lines_per_round,
             lines_per_round as f64 / cpu.as_secs_f64(),
-            scrapes.load(Ordering::Relaxed)
         );
     }
 
@@ -321,18 +339,7 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements(lines_per_round));
     for scraping in [false, true] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let scrapes = Arc::new(AtomicU64::new(0));
-        let scraper = scraping.then(|| {
-            let (hub, agent, stop, scrapes) =
-                (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
-                    scrapes.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        });
+        let scraper = scraping.then(|| Scraper::start(&hub, &agent));
         let mut i = 0usize;
         let name = if scraping {
             "with_concurrent_scraping"
@@ -347,13 +354,8 @@ fn bench(c: &mut Criterion) {
                 reg.apply(engine.state.take_dirty())
             })
         });
-        stop.store(true, Ordering::Relaxed);
-        if let Some(t) = scraper {
-            let _ = t.join();
-            eprintln!(
-                "concurrent scrapes during the run: {}",
-                scrapes.load(Ordering::Relaxed)
-            );
+        if let Some(sc) = scraper {
+            eprintln!("concurrent scrapes during the run: {}", sc.stop());
         }
     }
     g.finish();
