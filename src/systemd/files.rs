@@ -160,16 +160,8 @@ impl UnitDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugins::promoter::spec::PromotedResource;
+    use crate::plugins::promoter::spec::test_resource as res;
     use crate::plugins::promoter::units::{resource_files, templates, UnitCommands};
-
-    fn res(name: &str, start: &[&str]) -> PromotedResource {
-        PromotedResource {
-            name: name.into(),
-            start: start.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
 
     fn listing(dir: &Path) -> Vec<String> {
         let mut out = Vec::new();

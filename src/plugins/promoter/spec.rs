@@ -493,17 +493,21 @@ pub fn validate(spec: &PromoterSpec, base: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A resource with these start entries and defaults otherwise (for tests).
+#[cfg(test)]
+pub(crate) fn test_resource(name: &str, start: &[&str]) -> PromotedResource {
+    PromotedResource {
+        name: name.into(),
+        start: start.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn res(name: &str, start: &[&str]) -> PromotedResource {
-        PromotedResource {
-            name: name.into(),
-            start: start.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
+    use super::test_resource as res;
 
     #[test]
     fn defaults_are_upstreams() {
