@@ -28,10 +28,7 @@ struct P {
 
 impl Plugin for P {
     fn subscription(&self) -> Subscription {
-        Subscription {
-            changes: true,
-            events: false,
-        }
+        Subscription::CHANGES
     }
     fn run(
         self: Box<Self>,

@@ -492,18 +492,12 @@ impl Runtime {
                         old.spec = spec;
                         old.last_error = Some(msg);
                     } else if !self.instances.contains_key(&id) {
-                        let (outbox, _) = channel(Subscription {
-                            changes: false,
-                            events: false,
-                        });
+                        let (outbox, _) = channel(Subscription::NONE);
                         self.instances.insert(
                             id.clone(),
                             Instance {
                                 spec,
-                                sub: Subscription {
-                                    changes: false,
-                                    events: false,
-                                },
+                                sub: Subscription::NONE,
                                 generation: 0,
                                 seq: 0,
                                 outbox,
@@ -645,11 +639,7 @@ impl Runtime {
             .with_label_values(&[&id.kind])
             .inc();
         inst.outbox.close();
-        inst.outbox = channel(Subscription {
-            changes: false,
-            events: false,
-        })
-        .0;
+        inst.outbox = channel(Subscription::NONE).0;
         let delay = backoff(inst.restarts, base, max);
         inst.state = InstanceState::Failed;
         inst.last_error = Some(msg);

@@ -52,6 +52,24 @@ pub struct Subscription {
     pub events: bool,
 }
 
+impl Subscription {
+    /// Change updates only (old/new per changed object).
+    pub const CHANGES: Subscription = Subscription {
+        changes: true,
+        events: false,
+    };
+    /// Every-event notifications only (current states of touched resources).
+    pub const EVENTS: Subscription = Subscription {
+        changes: false,
+        events: true,
+    };
+    /// Nothing (an instance that does not run).
+    pub const NONE: Subscription = Subscription {
+        changes: false,
+        events: false,
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("invalid configuration: {0}")]

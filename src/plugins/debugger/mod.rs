@@ -48,10 +48,7 @@ pub fn render(d: &Delivery) -> Option<String> {
 
 impl Plugin for Debugger {
     fn subscription(&self) -> Subscription {
-        Subscription {
-            changes: true,
-            events: false,
-        }
+        Subscription::CHANGES
     }
 
     fn run(

@@ -441,10 +441,7 @@ impl Prometheus {
 
 impl Plugin for Prometheus {
     fn subscription(&self) -> Subscription {
-        Subscription {
-            changes: false,
-            events: true,
-        }
+        Subscription::EVENTS
     }
 
     fn run(

@@ -320,10 +320,7 @@ fn cgroup2() -> bool {
 
 impl Plugin for Promoter {
     fn subscription(&self) -> Subscription {
-        Subscription {
-            changes: true,
-            events: false,
-        }
+        Subscription::CHANGES
     }
 
     fn run(

@@ -399,10 +399,7 @@ fn report(ctx: &PluginCtx, rule: &rules::Rule, job: &Job, res: &exec::RunResult)
 
 impl Plugin for Umh {
     fn subscription(&self) -> Subscription {
-        Subscription {
-            changes: true,
-            events: false,
-        }
+        Subscription::CHANGES
     }
 
     fn run(
