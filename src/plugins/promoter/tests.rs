@@ -30,6 +30,10 @@ impl Recorder {
     fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
+    /// Whether `call` was made.
+    fn called(&self, call: &str) -> bool {
+        self.calls.lock().unwrap().iter().any(|c| c == call)
+    }
 }
 
 impl ServiceManager for Recorder {
@@ -243,7 +247,7 @@ async fn start_then_stop_on_quorum_loss_then_files_removed_on_exit() {
     let units = e.opts.unit_dir.clone();
 
     // files first, one reload, then the observation of the target
-    eventually("reload", || e.rec.calls().contains(&"reload".to_string())).await;
+    eventually("reload", || e.rec.called("reload")).await;
     assert!(
         units.join("drbd-promote@.service").exists(),
         "templates installed"
@@ -259,12 +263,7 @@ async fn start_then_stop_on_quorum_loss_then_files_removed_on_exit() {
         (Role::Secondary, false),
         state(Role::Secondary, true, true),
     );
-    eventually("start", || {
-        e.rec
-            .calls()
-            .contains(&"start drbd-services@r0.target".to_string())
-    })
-    .await;
+    eventually("start", || e.rec.called("start drbd-services@r0.target")).await;
     let calls = e.rec.calls();
     let pos = |s: &str| calls.iter().position(|c| c == s).unwrap();
     assert!(pos("reload") < pos("reset-failed drbd-services@r0.target"));
@@ -325,12 +324,7 @@ async fn start_then_stop_on_quorum_loss_then_files_removed_on_exit() {
         state: lost,
     };
     out.send(&Arc::new(u));
-    eventually("stop", || {
-        e.rec
-            .calls()
-            .contains(&"stop drbd-services@r0.target".to_string())
-    })
-    .await;
+    eventually("stop", || e.rec.called("stop drbd-services@r0.target")).await;
     eventually("stopped", || {
         metrics
             .promoter_actions
@@ -374,9 +368,7 @@ async fn lost_race_stops_the_target_and_counts_no_failure() {
         state(Role::Secondary, true, true),
     );
     eventually("stop after the refused start", || {
-        e.rec
-            .calls()
-            .contains(&"stop drbd-services@r0.target".to_string())
+        e.rec.called("stop drbd-services@r0.target")
     })
     .await;
     eventually("explained", || {
@@ -432,10 +424,7 @@ async fn a_successor_takes_over_without_stop_or_file_removal() {
     let task = tokio::spawn(Box::new(second).run(inbox, ctx(&metrics, &detail)));
     out.close();
     task.await.unwrap().unwrap();
-    assert!(e
-        .rec
-        .calls()
-        .contains(&"stop drbd-services@r0.target".to_string()));
+    assert!(e.rec.called("stop drbd-services@r0.target"));
     assert!(!e.opts.unit_dir.join("drbd-services@r0.target.d").exists());
 }
 
@@ -451,7 +440,7 @@ async fn shutdown_keeps_files_and_running_services() {
     let metrics = AgentMetrics::new();
     let detail = DetailHandle::default();
     let task = tokio::spawn(plugin.run(inbox, ctx(&metrics, &detail)));
-    eventually("reload", || e.rec.calls().contains(&"reload".to_string())).await;
+    eventually("reload", || e.rec.called("reload")).await;
     e.opts.registry.begin_shutdown();
     out.close();
     task.await.unwrap().unwrap();
@@ -534,12 +523,7 @@ async fn a_failed_demotion_is_reported_as_escalation() {
         (Role::Secondary, false),
         state(Role::Secondary, true, true),
     );
-    eventually("start", || {
-        e.rec
-            .calls()
-            .contains(&"start drbd-services@r0.target".to_string())
-    })
-    .await;
+    eventually("start", || e.rec.called("start drbd-services@r0.target")).await;
     send_resource(
         &out,
         (Role::Secondary, true),
