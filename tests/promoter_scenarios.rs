@@ -6,10 +6,10 @@
 
 mod common;
 
+use common::agent::collect;
 use common::systemd::{BootOptions, SystemdNs};
 use common::{free_port, wait_until};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -52,17 +52,6 @@ struct Cluster {
     nodes: Vec<Node>,
     /// Extra agent flags.
     extra: Vec<String>,
-}
-
-fn collect(r: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            l.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 impl Cluster {
