@@ -692,23 +692,12 @@ impl Fragment {
         opts: Options,
         previous: Option<(&Resource, &Fragment)>,
     ) -> Fragment {
-        let mut w = FragmentWriter {
-            frag: Fragment {
-                text: String::with_capacity(
-                    previous.map_or(if opts.enums { 32 * 1024 } else { 8 * 1024 }, |(_, f)| {
-                        f.len() + 256
-                    }),
-                ),
-                ends: [0; FAMILY_COUNT],
-            },
-            next: 0,
-            current: None,
-            labels: Vec::new(),
-            hit: 0,
-            previous,
-            resource: r,
-            copied: false,
-        };
+        let text = String::with_capacity(
+            previous.map_or(if opts.enums { 32 * 1024 } else { 8 * 1024 }, |(_, f)| {
+                f.len() + 256
+            }),
+        );
+        let mut w = FragmentWriter::new(text, r, previous);
         render_resource(r, opts, &mut w);
         w.finish()
     }
@@ -763,7 +752,28 @@ struct FragmentWriter<'a> {
     copied: bool,
 }
 
-impl FragmentWriter<'_> {
+impl<'a> FragmentWriter<'a> {
+    /// A writer appending to `text`, for `resource` (and an earlier state of it with its fragment).
+    fn new(
+        text: String,
+        resource: &'a Resource,
+        previous: Option<(&'a Resource, &'a Fragment)>,
+    ) -> FragmentWriter<'a> {
+        FragmentWriter {
+            frag: Fragment {
+                text,
+                ends: [0; FAMILY_COUNT],
+            },
+            next: 0,
+            current: None,
+            labels: Vec::new(),
+            hit: 0,
+            previous,
+            resource,
+            copied: false,
+        }
+    }
+
     fn close_until(&mut self, i: usize) {
         let len = self.frag.text.len() as u32;
         while self.next < i {
@@ -806,19 +816,15 @@ impl Sink for FragmentWriter<'_> {
             Some(id) => {
                 // Consecutive samples mostly share their labels (one-hot families); look there first.
                 let same = |(n, i, _): &(&[&str], LabelsId, String)| *i == id && *n == names;
-                let hit = self.labels.get(self.hit).is_some_and(same);
-                let at = match if hit {
-                    Some(self.hit)
+                let at = if self.labels.get(self.hit).is_some_and(same) {
+                    self.hit
+                } else if let Some(at) = self.labels.iter().position(same) {
+                    at
                 } else {
-                    self.labels.iter().position(same)
-                } {
-                    Some(at) => at,
-                    None => {
-                        let mut body = String::with_capacity(64);
-                        push_labels(&mut body, names, values);
-                        self.labels.push((names, id, body));
-                        self.labels.len() - 1
-                    }
+                    let mut body = String::with_capacity(64);
+                    push_labels(&mut body, names, values);
+                    self.labels.push((names, id, body));
+                    self.labels.len() - 1
                 };
                 self.hit = at;
                 out.push_str(&self.labels[at].2);
@@ -858,19 +864,8 @@ impl Sink for GlobalsWriter<'_> {
     fn sample(&mut self, labels: &[&str], extra: Option<&str>, value: f64) {
         let Some(def) = self.current else { return };
         let none = Resource::default();
-        let mut w = FragmentWriter {
-            frag: Fragment {
-                text: std::mem::take(self.out),
-                ends: [0; FAMILY_COUNT],
-            },
-            next: 0,
-            current: Some(def),
-            labels: Vec::new(),
-            hit: 0,
-            previous: None,
-            resource: &none,
-            copied: false,
-        };
+        let mut w = FragmentWriter::new(std::mem::take(self.out), &none, None);
+        w.current = Some(def);
         w.sample(labels, extra, value);
         *self.out = w.frag.text;
     }
