@@ -1,22 +1,27 @@
-//! `/metrics` for 1000 resources × 2 peers × 2 volumes: generation time and size, and event processing
-//! throughput with and without concurrent scraping.
+//! `/metrics` for 1000 resources × 2 peers × 2 volumes: generation time and size, how far the served
+//! rendering lags the events, and event processing throughput with and without concurrent scraping.
 //!
 //! `cargo bench --bench metrics` (add `-- --quick` for a short run). Sizes are printed before the runs.
 //!
-//! - `scrape_1000x2x2/text/*`: a rendering from scratch (every resource rendered) — the worst case;
-//! - `scrape_1000x2x2/metrics_endpoint_enums_changed_N`: what one `/metrics` request costs (DRBD families
-//!   with enums, then the agent's own) after N resources changed since the previous scrape; N = 0 is a
-//!   repeated scrape of an unchanged state, N = 1000 every resource changed (worst case);
-//! - `scrape_1000x2x2/metrics_endpoint_enums_*_changed_1000_prerendered`: every resource changed, and the
-//!   exporter's background rendering (`ExporterHub::prerender`, a second after a change) ran before the
-//!   scrape, as it does unless a scrape races a statistics round; its own CPU time is printed too;
-//! - `gzip_*`: compressing the 1000-resource body, separately (Prometheus asks for gzip).
+//! - `scrape_1000x2x2/text/*`: a rendering from scratch (every resource rendered), for reference;
+//! - `scrape_1000x2x2/{plain,gzip}_enums_{off,on}_changed_{0,1000}_inline`: one `/metrics` request
+//!   (`exporter::scrape`: DRBD families, then the agent's own) that renders the N resources changed
+//!   since the previous one itself (and compresses them, for gzip): what a scrape costs when nothing
+//!   renders in the background;
+//! - `..._changed_1000_rendered_ahead`: every resource changed and the exporter instance's background
+//!   rendering (`ExporterHub::prerender`) ran before the scrape; its own CPU time is printed too;
+//! - `..._changed_1000_raced`: every resource changed and the background rendering has not run yet:
+//!   the scrape serves the rendering before the change;
+//! - the lag of the served rendering behind a statistics round, through the real plugin task;
+//! - `gzip_*`: compressing the whole body at once, for comparison;
+//! - `events_*`: the engine and the exporter's state updates, with and without a thread scraping
+//!   (gzip, rendering itself) back to back.
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use drbd_reactor::engine::Engine;
 use drbd_reactor::metrics::AgentMetrics;
 use drbd_reactor::plugins::prometheus::{self as exporter, render, ExporterHub, View};
-use drbd_reactor::plugins::InstanceId;
+use drbd_reactor::plugins::{channel, DetailHandle, EventSink, InstanceId, Plugin, PluginCtx};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,7 +107,7 @@ impl Scraper {
         let (hub, agent, s, n) = (hub.clone(), agent.clone(), stop.clone(), scrapes.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                std::hint::black_box(exporter::render_metrics(&hub, &agent.registry));
+                std::hint::black_box(exporter::scrape(&hub, &agent.registry, true));
                 n.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -152,12 +157,10 @@ fn bench(c: &mut Criterion) {
             ..Default::default()
         };
         let text = render::to_text(&view);
-        let gz = exporter::gzip(text.as_bytes()).expect("gzip");
         eprintln!(
-            "exposition enums={enums}: {} bytes, {} samples, {} bytes gzipped",
+            "exposition enums={enums}: {} bytes, {} samples",
             text.len(),
             text.lines().filter(|l| !l.starts_with('#')).count(),
-            gz.len()
         );
     }
 
@@ -185,122 +188,202 @@ fn bench(c: &mut Criterion) {
             },
         );
     }
-    // What one /metrics request does: snapshot from the hub, DRBD families, agent families, after
-    // `n` resources got a new state (as the engine hands a changed resource to the exporter). A hub of
-    // its own per `enums` setting. First in CPU time of this thread (robust on a shared machine), then
-    // in wall time with criterion.
+    // What one /metrics request does (`exporter::scrape`: DRBD families, then the agent's own, plain or
+    // gzip as Prometheus asks), after `n` resources got a new state (as the engine hands a changed
+    // resource to the exporter). Two ways:
+    // - `ahead`: the hub has an instance that renders in the background, as in the agent: a scrape
+    //   serves the last complete rendering; `rendered_ahead` after the background rendering of the
+    //   change ran, `raced` while it has not yet;
+    // - `inline`: no instance renders ahead (what a scrape costs when it renders itself: the first one,
+    //   or after the background rendering fell `MAX_LAG` behind).
+    // A hub of its own per case. First in CPU time of this thread (robust on a shared machine), then in
+    // wall time with criterion.
     for enums in [false, true] {
-        let hub = Arc::new(ExporterHub::default());
-        let reg = hub.register(id("scrape"), enums);
-        reg.apply(
-            resources
-                .iter()
-                .map(|r| (Arc::from(r.name.as_str()), Some(r.clone())))
-                .collect(),
-        );
-        let mut round = 0u64;
-        let mut bump = |n: usize| {
-            round += 1;
-            let touched: Vec<_> = resources
-                .iter()
-                .take(n)
-                .map(|r| {
-                    let mut c = (**r).clone();
-                    if let Some(d) = c.devices.get_mut(&0) {
-                        d.read += round;
-                    }
-                    (Arc::from(c.name.as_str()), Some(Arc::new(c)))
-                })
-                .collect();
-            reg.apply(touched);
-        };
-        bump(0);
-        exporter::render_metrics(&hub, &agent.registry);
-        for n in [0usize, 1, 100, RESOURCES] {
-            let (mut scrape, mut gz, mut bytes, mut gz_bytes) =
-                (Duration::ZERO, Duration::ZERO, 0, 0);
+        for gzip in [false, true] {
+            let on = if enums { "on" } else { "off" };
+            let enc = if gzip { "gzip" } else { "plain" };
+            let mut round = 0u64;
+            let mut bumped = |n: usize| {
+                round += 1;
+                resources
+                    .iter()
+                    .take(n)
+                    .map(|r| {
+                        let mut c = (**r).clone();
+                        if let Some(d) = c.devices.get_mut(&0) {
+                            d.read += round;
+                        }
+                        (Arc::from(c.name.as_str()), Some(Arc::new(c)))
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let all = bumped(RESOURCES);
+            let hub_with = |ahead: bool| {
+                let hub = Arc::new(ExporterHub::default());
+                let mut reg = hub.register(id("scrape"), enums);
+                if ahead {
+                    reg.render_ahead();
+                }
+                reg.apply(all.clone());
+                let body = exporter::scrape(&hub, &agent.registry, gzip);
+                assert_eq!(body.gzip, gzip);
+                (hub, reg, body.bytes.len())
+            };
+            let (inline, inline_reg, bytes) = hub_with(false);
+            let (ahead, ahead_reg, _) = hub_with(true);
             const RUNS: u32 = 10;
-            for _ in 0..RUNS {
-                bump(n);
-                let c = thread_cpu();
-                let body = exporter::render_metrics(&hub, &agent.registry);
-                let c2 = thread_cpu();
-                let z = exporter::gzip(body.as_bytes()).expect("gzip");
-                gz += thread_cpu() - c2;
-                scrape += c2 - c;
-                bytes = body.len();
-                gz_bytes = z.len();
+            let mut line = format!("scrape {enc:5} enums={on:3} ({bytes:>8} bytes) rendering itself, CPU per scrape after n changed:");
+            for n in [0usize, 1, 100, RESOURCES] {
+                let mut cpu = Duration::ZERO;
+                for _ in 0..RUNS {
+                    inline_reg.apply(bumped(n));
+                    let c = thread_cpu();
+                    std::hint::black_box(exporter::scrape(&inline, &agent.registry, gzip));
+                    cpu += thread_cpu() - c;
+                    assert_eq!(inline.last_rendered(), n);
+                }
+                let _ = write!(line, " n={n}: {:.2?}", cpu / RUNS);
             }
-            eprintln!(
-                "scrape enums={enums}, {n:>4} resources changed: {:>8.2?} CPU per scrape ({bytes} bytes), gzip {:>8.2?} CPU more ({gz_bytes} bytes)",
-                scrape / RUNS,
-                gz / RUNS
-            );
-        }
-        // The same, with the exporter instance's background rendering (`ExporterHub::prerender`, a
-        // second after a change) done before the scrape: what a scrape costs when it does not race a
-        // statistics round, and what the background rendering costs.
-        {
-            let n = RESOURCES;
-            let (mut pre, mut scrape, mut gz) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-            const RUNS: u32 = 10;
+            eprintln!("{line}");
+            let (mut pre, mut served) = (Duration::ZERO, Duration::ZERO);
             for _ in 0..RUNS {
-                bump(n);
+                ahead_reg.apply(bumped(RESOURCES));
                 let c = thread_cpu();
-                assert_eq!(hub.prerender(), n, "prerendered");
+                assert_eq!(ahead.prerender(), RESOURCES);
                 let c1 = thread_cpu();
-                let body = exporter::render_metrics(&hub, &agent.registry);
-                let c2 = thread_cpu();
-                let _ = exporter::gzip(body.as_bytes()).expect("gzip");
-                gz += thread_cpu() - c2;
-                scrape += c2 - c1;
+                std::hint::black_box(exporter::scrape(&ahead, &agent.registry, gzip));
+                served += thread_cpu() - c1;
                 pre += c1 - c;
-                assert_eq!(hub.last_rendered(), 0);
             }
             eprintln!(
-                "scrape enums={enums}, {n:>4} resources changed and prerendered: {:>8.2?} CPU per scrape, gzip {:>8.2?} CPU more; the background rendering took {:>8.2?} CPU",
-                scrape / RUNS,
-                gz / RUNS,
+                "scrape {enc:5} enums={on:3}, all {RESOURCES} changed, rendered ahead: {:.2?} CPU per scrape; the background rendering{} took {:.2?} CPU",
+                served / RUNS,
+                if gzip { " and compression" } else { "" },
                 pre / RUNS
             );
-        }
-        for n in [0usize, 1, 100, RESOURCES] {
-            let name = format!(
-                "metrics_endpoint_enums_{}_changed_{n}",
-                if enums { "on" } else { "off" }
-            );
+
+            for n in [0usize, RESOURCES] {
+                let name = format!("{enc}_enums_{on}_changed_{n}_inline");
+                let ran = bench_ran(&mut g, &name, |b| {
+                    b.iter_batched(
+                        || inline_reg.apply(bumped(n)),
+                        |_| exporter::scrape(&inline, &agent.registry, gzip).bytes.len(),
+                        BatchSize::PerIteration,
+                    )
+                });
+                if ran {
+                    assert_eq!(inline.last_rendered(), n, "{name}: resources rendered anew");
+                }
+            }
+            let name = format!("{enc}_enums_{on}_changed_{RESOURCES}_rendered_ahead");
             let ran = bench_ran(&mut g, &name, |b| {
                 b.iter_batched(
-                    || bump(n),
-                    |_| exporter::render_metrics(&hub, &agent.registry).len(),
+                    || {
+                        ahead_reg.apply(bumped(RESOURCES));
+                        ahead.prerender()
+                    },
+                    |_| exporter::scrape(&ahead, &agent.registry, gzip).bytes.len(),
                     BatchSize::PerIteration,
                 )
             });
             if ran {
-                assert_eq!(hub.last_rendered(), n, "{name}: resources rendered anew");
+                assert_eq!(ahead.last_rendered(), RESOURCES, "{name}: rendered ahead");
             }
-        }
-        let name = format!(
-            "metrics_endpoint_enums_{}_changed_{RESOURCES}_prerendered",
-            if enums { "on" } else { "off" }
-        );
-        let ran = bench_ran(&mut g, &name, |b| {
-            b.iter_batched(
-                || {
-                    bump(RESOURCES);
-                    hub.prerender()
-                },
-                |_| exporter::render_metrics(&hub, &agent.registry).len(),
-                BatchSize::PerIteration,
-            )
-        });
-        if ran {
-            assert_eq!(hub.last_rendered(), 0, "{name}: nothing left to render");
+            // The round before was rendered; this one is not yet: the scrape serves the last rendering.
+            let name = format!("{enc}_enums_{on}_changed_{RESOURCES}_raced");
+            let ran = bench_ran(&mut g, &name, |b| {
+                b.iter_batched(
+                    || {
+                        ahead.prerender();
+                        ahead_reg.apply(bumped(RESOURCES));
+                    },
+                    |_| exporter::scrape(&ahead, &agent.registry, gzip).bytes.len(),
+                    BatchSize::PerIteration,
+                )
+            });
+            if ran {
+                assert_eq!(
+                    ahead.prerender(),
+                    RESOURCES,
+                    "{name}: the scrape left the round to the background"
+                );
+            }
         }
     }
     g.finish();
 
-    // gzip of the body, separately; the level `exporter::gzip` uses and the default one for comparison.
+    // How far the served rendering lags the events: a statistics round that changes every resource is
+    // handed to a running exporter instance (the plugin task, as in the agent) in one delivery, and a
+    // scraper asking for gzip polls until the published rendering has it. The lag is the quiet time plus
+    // the background rendering and compression; meanwhile scrapes serve the rendering before it.
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for enums in [false, true] {
+            let hub = Arc::new(ExporterHub::default());
+            let plugin = exporter::Prometheus::from_config(
+                &serde_json::json!({ "enums": enums }),
+                hub.clone(),
+            )
+            .expect("config");
+            let (mut outbox, inbox) = channel(plugin.subscription());
+            let ctx = PluginCtx {
+                id: id("lag"),
+                node_name: "n1".into(),
+                metrics: agent.clone(),
+                detail: DetailHandle::default(),
+                events: EventSink::default(),
+            };
+            let task = rt.spawn(Box::new(plugin).run(inbox, ctx));
+            let mut lags = Vec::new();
+            for round in 0..21u64 {
+                let touched: Vec<_> = resources
+                    .iter()
+                    .map(|r| {
+                        let mut c = (**r).clone();
+                        if let Some(d) = c.devices.get_mut(&0) {
+                            d.read += round;
+                        }
+                        (Arc::from(c.name.as_str()), Some(Arc::new(c)))
+                    })
+                    .collect();
+                let read =
+                    |r: &drbd_reactor::drbd::state::Resource| r.devices.get(&0).map(|d| d.read);
+                let want = read(&touched[0].1.clone().expect("state"));
+                let applied = || {
+                    hub.view().is_some_and(|v| {
+                        v.resources.len() == RESOURCES && read(&v.resources[0]) == want
+                    })
+                };
+                let t = std::time::Instant::now();
+                outbox.post(&touched);
+                // A scraper asking for gzip, as Prometheus does (the first one compresses everything).
+                while !(applied() && hub.up_to_date()) {
+                    std::hint::black_box(exporter::scrape(&hub, &agent.registry, true));
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                if round > 0 {
+                    lags.push(t.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            lags.sort();
+            eprintln!(
+                "lag of the served rendering behind a round changing all {RESOURCES} resources, enums={enums}: median {:.1?}, max {:.1?} over {} rounds",
+                lags[lags.len() / 2],
+                lags[lags.len() - 1],
+                lags.len()
+            );
+            outbox.close();
+            let _ = rt.block_on(task);
+        }
+    }
+
+    // gzip of the whole body at once at the fast level (what a scrape did before the body was kept
+    // compressed in groups) and at the default level, for comparison.
     let mut g = c.benchmark_group("gzip_1000x2x2");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(5));
@@ -311,19 +394,20 @@ fn bench(c: &mut Criterion) {
             ..Default::default()
         });
         g.throughput(Throughput::Bytes(body.len() as u64));
-        g.bench_with_input(BenchmarkId::new("exporter_level", enums), &body, |b, t| {
-            b.iter(|| exporter::gzip(t.as_bytes()).map(|v| v.len()))
-        });
-        g.bench_with_input(BenchmarkId::new("default_level", enums), &body, |b, t| {
-            b.iter(|| {
-                use std::io::Write;
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                e.write_all(t.as_bytes())
-                    .and_then(|_| e.finish())
-                    .map(|v| v.len())
-            })
-        });
+        for (name, level) in [
+            ("whole_body_fast_level", flate2::Compression::fast()),
+            ("whole_body_default_level", flate2::Compression::default()),
+        ] {
+            g.bench_with_input(BenchmarkId::new(name, enums), &body, |b, t| {
+                b.iter(|| {
+                    use std::io::Write;
+                    let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+                    e.write_all(t.as_bytes())
+                        .and_then(|_| e.finish())
+                        .map(|v| v.len())
+                })
+            });
+        }
     }
     g.finish();
 

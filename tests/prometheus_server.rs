@@ -356,6 +356,20 @@ fn prometheus_scrapes_the_agent() {
     }
     assert!(plain.contains("drbdreactor_plugin_instances{state=\"running\",type=\"prometheus\"} 2"));
     promtool_ok(&promtool, &plain);
+    // The gzip body is assembled from groups compressed ahead of time: promtool reads it too, and its
+    // DRBD families are the plain body's (the agent's own counters may have moved between the two).
+    promtool_ok(&promtool, &unzipped);
+    let drbd = |t: &str| -> String {
+        t.lines()
+            .filter(|l| {
+                l.starts_with("drbd_")
+                    || l.starts_with("# HELP drbd_")
+                    || l.starts_with("# TYPE drbd_")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    assert_eq!(drbd(&unzipped), drbd(&plain));
 
     // Wait for the end of the scripted sequence as Prometheus sees it.
     let pd_b = r#"name="web",conn_name="node-b",peer_node_id="1",volume="0""#;

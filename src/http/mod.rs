@@ -230,8 +230,7 @@ pub fn routes(
                 let gz = accept.as_deref().is_some_and(exporter::accepts_gzip);
                 // Rendering is CPU work: keep it off the async workers the engine runs on.
                 let r = tokio::task::spawn_blocking(move || {
-                    let body = exporter::render_metrics(&s.exporter, &s.metrics.registry);
-                    metrics_response(body, gz)
+                    metrics_response(exporter::scrape(&s.exporter, &s.metrics.registry, gz))
                 })
                 .await
                 .unwrap_or_else(|_| {
@@ -262,17 +261,9 @@ pub fn routes(
 }
 
 /// `/metrics` response: the Prometheus text format (0.0.4), gzip-compressed when the client allows it.
-fn metrics_response(body: String, gzip: bool) -> warp::reply::Response {
-    let compressed = if gzip {
-        exporter::gzip(body.as_bytes()).ok()
-    } else {
-        None
-    };
-    let gzipped = compressed.is_some();
-    let mut r = match compressed {
-        Some(b) => Response::new(b.into()),
-        None => Response::new(body.into()),
-    };
+fn metrics_response(body: exporter::Body) -> warp::reply::Response {
+    let gzipped = body.gzip;
+    let mut r = Response::new(body.bytes.into());
     let h = r.headers_mut();
     h.insert(
         "content-type",

@@ -14,27 +14,39 @@
 //!
 //! The text of each resource's samples is kept per family ([`render::Fragment`]) together with the
 //! resource state it was rendered from. A resource whose state is still the very same `Arc` (the engine
-//! copies a resource before changing it while anyone holds it) has not changed, so a scrape re-renders
-//! only the resources that changed since the previous scrape and concatenates the kept text of the
-//! others, family by family, in the same order a full rendering has. The instances render changed
-//! resources ahead of the scrape too ([`ExporterHub::prerender`], a second after a change, at most once
-//! a second), so a scrape after a statistics round does not pay for rendering it.
+//! copies a resource before changing it while anyone holds it) has not changed, so a rendering re-renders
+//! only the resources that changed and concatenates the kept text of the others, family by family, in
+//! the same order a full rendering has. Once a scraper asked for gzip, the body is also kept compressed
+//! per family and group of resources, and only groups whose text changed are compressed again
+//! ([`exposition`], [`gzip`]).
+//!
+//! The instances render (and compress) changes in the background, once the event stream has been quiet
+//! for [`PRERENDER_QUIET`] (a statistics round is a burst of lines) and at most [`PRERENDER_MAX_WAIT`]
+//! after a change, and publish the result as an immutable [`Exposition`]. A scrape serves the last
+//! published one: it only concatenates kept text, or kept compressed groups, whatever changed. While a
+//! change is being rendered the scrape serves the rendering before it (tens of milliseconds behind);
+//! a scrape renders itself only when nothing was rendered yet, when the options changed, or when a
+//! change has waited longer than [`MAX_LAG`].
 
+pub mod exposition;
+pub mod gzip;
 pub mod render;
 
 use super::{Delivery, Inbox, InstanceId, Plugin, PluginCtx, PluginError, Subscription};
 use crate::drbd::state::Resource;
 use ::prometheus::core::{Collector, Desc};
 use ::prometheus::proto;
+use exposition::{Exposition, Renderings};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use gzip::{Compressor, GzipBody};
 pub use render::{DrbdVersion, Fragment, Options, PeerByteCounters, View};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `spec.prometheus` of a ReactorPolicy: turns the exporter on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -55,10 +67,14 @@ pub struct PrometheusSpec {
     pub peer_byte_counters: PeerByteCounters,
 }
 
-/// How long after a change the exporter renders the changed resources ahead of the next scrape: it
-/// coalesces a burst (a statistics round touches every resource) and bounds the background rendering to
-/// once a second (about 11 ms of CPU for 1000 resources × 2 peers × 2 volumes that all changed).
-const PRERENDER_DELAY: Duration = Duration::from_secs(1);
+/// The exporter instances render changes in the background once the stream has been quiet this long (a
+/// statistics round arrives as a burst of lines within milliseconds)...
+const PRERENDER_QUIET: Duration = Duration::from_millis(10);
+/// ...or at the latest this long after the first change not rendered yet, when changes keep coming.
+const PRERENDER_MAX_WAIT: Duration = Duration::from_millis(100);
+/// While an instance renders in the background, a scrape serves the last complete rendering instead of
+/// rendering itself, unless a change has waited longer than this (a rendering that fell behind).
+const MAX_LAG: Duration = Duration::from_secs(1);
 
 /// Longest time `drbdadm --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,20 +96,17 @@ pub struct ExporterHub {
     next: AtomicU64,
     version: Mutex<DrbdVersion>,
     /// Bumped on every change of what would be rendered.
-    generation: Arc<AtomicU64>,
-    /// The last rendering and the generation it was made from.
-    cache: Mutex<Option<(u64, Arc<String>)>>,
-    /// The rendered samples of each resource, reused while the resource does not change.
-    fragments: Mutex<FragmentCache>,
-}
-
-/// The fragments of the last scrape, by resource name (sorted), with the state each was rendered from.
-#[derive(Default)]
-struct FragmentCache {
-    opts: Options,
-    entries: Vec<(Arc<str>, Arc<Resource>, Fragment)>,
-    /// Resources rendered anew by the last [`ExporterHub::write_drbd`] (for benchmarks and tests).
-    rendered: usize,
+    generation: AtomicU64,
+    /// When the oldest change that no rendering (finished or under way) includes happened.
+    unrendered_since: Mutex<Option<Instant>>,
+    /// The kept fragments and compressed groups; held while rendering.
+    renderings: Mutex<Renderings>,
+    /// The last complete rendering.
+    published: Mutex<Option<Arc<Exposition>>>,
+    /// A scraper asked for gzip: renderings compress too.
+    gzip_wanted: AtomicBool,
+    /// Running instances that render changes in the background ([`Registration::render_ahead`]).
+    renderers: AtomicUsize,
 }
 
 impl Default for ExporterHub {
@@ -108,10 +121,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A running instance's place in the hub; leaving it (drop) removes the instance's families.
 pub struct Registration {
-    generation: Arc<AtomicU64>,
     hub: Arc<ExporterHub>,
     key: (InstanceId, u64),
     slot: Arc<Slot>,
+    renders_ahead: bool,
 }
 
 impl Registration {
@@ -128,15 +141,28 @@ impl Registration {
                 }
             }
         }
-        self.generation.fetch_add(1, Ordering::Release);
+        // Still under the slot's lock: whoever sees the new state sees the new generation too.
+        self.hub.changed();
         m.len()
+    }
+
+    /// Declares that this instance renders its changes in the background ([`ExporterHub::prerender`]
+    /// within [`PRERENDER_MAX_WAIT`]), so scrapes may serve the last complete rendering meanwhile.
+    pub fn render_ahead(&mut self) {
+        if !self.renders_ahead {
+            self.renders_ahead = true;
+            self.hub.renderers.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.hub.slots).remove(&self.key);
-        self.generation.fetch_add(1, Ordering::Release);
+        if self.renders_ahead {
+            self.hub.renderers.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.hub.changed();
     }
 }
 
@@ -149,10 +175,19 @@ impl ExporterHub {
             slots: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             version: Mutex::new(DrbdVersion::default()),
-            generation: Arc::new(AtomicU64::new(0)),
-            cache: Mutex::new(None),
-            fragments: Mutex::new(FragmentCache::default()),
+            generation: AtomicU64::new(0),
+            unrendered_since: Mutex::new(None),
+            renderings: Mutex::new(Renderings::default()),
+            published: Mutex::new(None),
+            gzip_wanted: AtomicBool::new(false),
+            renderers: AtomicUsize::new(0),
         }
+    }
+
+    /// Records a change of what would be rendered.
+    fn changed(&self) {
+        lock(&self.unrendered_since).get_or_insert_with(Instant::now);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn register(self: &Arc<Self>, id: InstanceId, enums: bool) -> Registration {
@@ -174,12 +209,12 @@ impl ExporterHub {
             resources: Mutex::new(BTreeMap::new()),
         });
         lock(&self.slots).insert(key.clone(), slot.clone());
-        self.generation.fetch_add(1, Ordering::Release);
+        self.changed();
         Registration {
-            generation: self.generation.clone(),
             hub: self.clone(),
             key,
             slot,
+            renders_ahead: false,
         }
     }
 
@@ -194,7 +229,7 @@ impl ExporterHub {
 
     pub fn set_version(&self, v: DrbdVersion) {
         *lock(&self.version) = v;
-        self.generation.fetch_add(1, Ordering::Release);
+        self.changed();
     }
 
     /// Runs `drbdadm --version` through the configured host-exec command line and records what it reports
@@ -251,95 +286,99 @@ impl ExporterHub {
         })
     }
 
-    /// Appends the DRBD families in the text format, rendering anew only the resources that changed since
-    /// the last call; false (nothing written) while no exporter instance runs.
-    pub fn write_drbd(&self, out: &mut String) -> bool {
-        let Some((cache, version)) = self.refresh_fragments() else {
-            return false;
-        };
-        let frags: Vec<&Fragment> = cache.entries.iter().map(|(_, _, f)| f).collect();
-        // Room for the agent's own families too, which `render_metrics` appends.
-        out.reserve(render::exposition_len(frags.iter().copied()) + 16 * 1024);
-        render::write_exposition(out, frags.len(), version, &frags);
-        true
+    /// What a scrape serves (compressed groups included when `gzip`); `None` while no exporter instance
+    /// runs. The last complete rendering when nothing changed since, or when an instance renders in the
+    /// background and no change has waited longer than [`MAX_LAG`] (in practice the rendering lags a
+    /// change by the quiet time and its own duration, tens of milliseconds); otherwise rendered now.
+    pub fn exposition(&self, gzip: bool) -> Option<Arc<Exposition>> {
+        if gzip {
+            self.gzip_wanted.store(true, Ordering::Relaxed);
+        }
+        let (opts, _) = self.options()?;
+        if let Some(e) = lock(&self.published).clone() {
+            if e.opts == opts && (!gzip || e.has_gzip()) {
+                let fresh = e.generation == self.generation.load(Ordering::Acquire);
+                let lag_ok = self.renderers.load(Ordering::Relaxed) > 0
+                    && lock(&self.unrendered_since).is_none_or(|t| t.elapsed() < MAX_LAG);
+                if fresh || lag_ok {
+                    return Some(e);
+                }
+            }
+        }
+        self.refresh(gzip).map(|(e, _)| e)
     }
 
-    /// Renders the fragments of the resources that changed since the last rendering, ahead of the next
-    /// scrape, which then only concatenates kept text. Returns how many were rendered (0 while no
-    /// exporter instance runs).
-    pub fn prerender(&self) -> usize {
-        self.refresh_fragments().map_or(0, |(c, _)| c.rendered)
-    }
-
-    /// Brings the kept fragments up to date with the rendered slot's state; `None` while no exporter
-    /// instance runs.
-    fn refresh_fragments(&self) -> Option<(std::sync::MutexGuard<'_, FragmentCache>, DrbdVersion)> {
+    /// Renders what changed since the last rendering now (and compresses it when `gzip` or a scraper
+    /// asked for gzip before), and publishes the result; with how many resources were rendered anew.
+    fn refresh(&self, gzip: bool) -> Option<(Arc<Exposition>, usize)> {
         let (opts, first) = self.options()?;
+        let gzip = gzip || self.gzip_wanted.load(Ordering::Relaxed);
+        let mut r = lock(&self.renderings);
+        // The generation is read before the state: a change racing with the rendering makes it look
+        // stale, never the other way round.
+        let generation = {
+            let mut since = lock(&self.unrendered_since);
+            *since = None;
+            self.generation.load(Ordering::Acquire)
+        };
+        if let Some(e) = lock(&self.published).clone() {
+            if e.generation == generation && e.opts == opts && (!gzip || e.has_gzip()) {
+                // Published while this call waited for the lock.
+                r.rendered = 0;
+                return Some((e, 0));
+            }
+        }
         let current: Vec<(Arc<str>, Arc<Resource>)> = lock(&first.resources)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let version = self.version();
-        let mut cache = lock(&self.fragments);
-        if cache.opts != opts {
-            cache.entries.clear();
-            cache.opts = opts;
+        r.update(opts, current);
+        if gzip {
+            r.compress();
         }
-        let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
-        let mut entries = Vec::with_capacity(current.len());
-        let mut rendered = 0;
-        for (name, res) in current {
-            while old.next_if(|(n, _, _)| *n < name).is_some() {}
-            let frag = match old.next_if(|(n, _, _)| *n == name) {
-                Some((_, r, f)) if Arc::ptr_eq(&r, &res) => f,
-                // Changed: rendered anew, but one-hot families whose samples are the same are copied.
-                Some((_, r, f)) => {
-                    rendered += 1;
-                    Fragment::update(&res, opts, Some((&r, &f)))
-                }
-                None => {
-                    rendered += 1;
-                    Fragment::of(&res, opts)
-                }
-            };
-            entries.push((name, res, frag));
-        }
-        drop(old);
-        cache.entries = entries;
-        cache.rendered = rendered;
-        Some((cache, version))
+        let e = Arc::new(r.exposition(generation, version, gzip));
+        *lock(&self.published) = Some(e.clone());
+        Some((e, r.rendered))
     }
 
-    /// Resources rendered anew by the last scrape (the others reused their kept text).
+    /// Renders (and compresses, once a scraper asked for gzip) what changed, ahead of the next scrape,
+    /// which then only concatenates kept text. Returns how many resources were rendered (0 while no
+    /// exporter instance runs).
+    pub fn prerender(&self) -> usize {
+        self.refresh(false).map_or(0, |(_, n)| n)
+    }
+
+    /// Whether the last published rendering has every change (a scrape now serves the current state).
+    pub fn up_to_date(&self) -> bool {
+        lock(&self.published)
+            .as_ref()
+            .is_some_and(|e| e.generation == self.generation.load(Ordering::Acquire))
+    }
+
+    /// Resources rendered anew by the last rendering (the others reused their kept text).
     pub fn last_rendered(&self) -> usize {
-        lock(&self.fragments).rendered
+        lock(&self.renderings).rendered
     }
 
-    /// Appends the DRBD families in the text format; nothing while no exporter instance runs.
+    /// Groups compressed anew by the last rendering that compressed.
+    pub fn last_compressed(&self) -> usize {
+        lock(&self.renderings).compressed
+    }
+
+    /// The DRBD families in the text format, up to date; `None` while no exporter instance runs.
+    pub fn text(&self) -> Option<String> {
+        let (e, _) = self.refresh(false)?;
+        let mut out = String::with_capacity(e.text_len());
+        e.write_text(&mut out);
+        Some(out)
+    }
+
+    /// Appends the DRBD families in the text format, up to date; nothing while no exporter instance runs.
     pub fn render_text(&self, out: &mut String) {
-        if let Some(text) = self.text() {
-            out.push_str(&text);
+        if let Some(t) = self.text() {
+            out.push_str(&t);
         }
-    }
-
-    /// The DRBD families in the text format, rendered anew only when something changed since the last
-    /// call; `None` while no exporter instance runs.
-    pub fn text(&self) -> Option<Arc<String>> {
-        // Read the generation before the state: a change racing with the rendering makes the kept text
-        // look stale, never the other way round.
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Some((g, text)) = lock(&self.cache).as_ref() {
-            if *g == generation {
-                return Some(text.clone());
-            }
-        }
-        let mut text = String::new();
-        if !self.write_drbd(&mut text) {
-            return None;
-        }
-        let text = Arc::new(text);
-        *lock(&self.cache) = Some((generation, text.clone()));
-        Some(text)
     }
 
     /// A `prometheus` crate collector of the DRBD families, for registering in a `Registry`.
@@ -382,15 +421,47 @@ impl Collector for HubCollector {
     }
 }
 
-/// The whole `/metrics` body: the DRBD families (while an exporter runs), then the agent's own families.
-/// Only resources that changed since the last scrape are rendered anew (see [`ExporterHub::write_drbd`]).
-pub fn render_metrics(hub: &ExporterHub, agent: &::prometheus::Registry) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    hub.write_drbd(&mut out);
-    if let Err(e) = ::prometheus::TextEncoder::new().encode_utf8(&agent.gather(), &mut out) {
+/// One `/metrics` body.
+pub struct Body {
+    pub bytes: Vec<u8>,
+    /// Gzip-compressed (one gzip member).
+    pub gzip: bool,
+}
+
+thread_local! {
+    /// A compressor per scraping thread, reused: making one allocates and clears its tables.
+    static COMPRESSOR: std::cell::RefCell<Compressor> = std::cell::RefCell::new(Compressor::default());
+}
+
+/// The whole `/metrics` body: the DRBD families (while an exporter runs, see [`ExporterHub::exposition`]),
+/// then the agent's own families; with `gzip`, compressed, mostly from groups compressed ahead of time.
+pub fn scrape(hub: &ExporterHub, agent: &::prometheus::Registry, gzip: bool) -> Body {
+    let mut own = String::with_capacity(16 * 1024);
+    if let Err(e) = ::prometheus::TextEncoder::new().encode_utf8(&agent.gather(), &mut own) {
         tracing::warn!(error = %e, "cannot encode the agent's metrics");
     }
-    out
+    let drbd = hub.exposition(gzip);
+    if gzip {
+        let bytes = COMPRESSOR.with_borrow_mut(|c| {
+            let mut body =
+                GzipBody::new(drbd.as_ref().map_or(0, |e| e.compressed_len()) + own.len() / 4);
+            if let Some(e) = &drbd {
+                e.write_gzip(&mut body, c);
+            }
+            body.push(&c.piece([own.as_bytes()]));
+            body.finish()
+        });
+        return Body { bytes, gzip: true };
+    }
+    let mut out = String::with_capacity(drbd.as_ref().map_or(0, |e| e.text_len()) + own.len());
+    if let Some(e) = &drbd {
+        e.write_text(&mut out);
+    }
+    out.push_str(&own);
+    Body {
+        bytes: out.into_bytes(),
+        gzip: false,
+    }
 }
 
 /// Whether an `Accept-Encoding` header value allows gzip (`gzip`, `x-gzip` or `*`, with a non-zero q).
@@ -409,17 +480,6 @@ pub fn accepts_gzip(header: &str) -> bool {
             }
         })
     })
-}
-
-/// Gzip-compresses a body (fast level: scrapes are frequent, the text compresses well anyway).
-pub fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 8 + 64),
-        flate2::Compression::fast(),
-    );
-    enc.write_all(body)?;
-    enc.finish()
 }
 
 /// The exporter plugin instance.
@@ -450,7 +510,7 @@ impl Plugin for Prometheus {
         ctx: PluginCtx,
     ) -> BoxFuture<'static, Result<(), PluginError>> {
         async move {
-            let reg = self.hub.register_spec(ctx.id.clone(), &self.spec);
+            let mut reg = self.hub.register_spec(ctx.id.clone(), &self.spec);
             // Like upstream, the versions are read when an exporter starts; the state keeps flowing
             // meanwhile.
             let hub = self.hub.clone();
@@ -463,8 +523,10 @@ impl Plugin for Prometheus {
                 }))
             };
             detail(0);
-            // A change is rendered ahead of the next scrape, at most once per PRERENDER_DELAY, so a
-            // scrape mostly concatenates kept text.
+            // A change is rendered ahead of the next scrape once the stream is quiet (a burst is
+            // rendered once), so a scrape only concatenates kept text.
+            reg.render_ahead();
+            let mut first: Option<tokio::time::Instant> = None;
             let mut due: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
@@ -472,12 +534,14 @@ impl Plugin for Prometheus {
                         None => break,
                         Some(Delivery::Resources(touched)) => {
                             detail(reg.apply(touched));
-                            due.get_or_insert_with(|| tokio::time::Instant::now() + PRERENDER_DELAY);
+                            let now = tokio::time::Instant::now();
+                            let first = *first.get_or_insert(now);
+                            due = Some((now + PRERENDER_QUIET).min(first + PRERENDER_MAX_WAIT));
                         }
                         Some(Delivery::Change(_)) => {}
                     },
                     () = async { tokio::time::sleep_until(due.expect("checked")).await }, if due.is_some() => {
-                        due = None;
+                        (first, due) = (None, None);
                         let hub = self.hub.clone();
                         let _ = tokio::task::spawn_blocking(move || hub.prerender()).await;
                     }
@@ -574,28 +638,116 @@ mod tests {
     }
 
     #[test]
-    fn text_is_reused_until_something_changes() {
+    fn a_rendering_is_reused_until_something_changes() {
         let hub = Arc::new(ExporterHub::default());
         let reg = hub.register(id("p"), false);
         reg.apply(vec![res("r1", Role::Primary)]);
-        let a = hub.text().unwrap();
-        let b = hub.text().unwrap();
+        let a = hub.exposition(false).unwrap();
+        let b = hub.exposition(false).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         reg.apply(vec![res("r1", Role::Secondary)]);
-        let c = hub.text().unwrap();
-        assert!(!Arc::ptr_eq(&a, &c));
+        let c = hub.exposition(false).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &c),
+            "no instance renders ahead: rendered now"
+        );
         hub.set_version(DrbdVersion {
             kmod: (9, 2, 1),
             utils: (9, 30, 0),
         });
-        let d = hub.text().unwrap();
-        assert!(d.contains("kmod=\"9.2.1\""));
+        assert!(hub.text().unwrap().contains("kmod=\"9.2.1\""));
         let e2 = hub.register(id("q"), true);
         assert!(hub.text().unwrap().contains("drbd_resource_role{"));
         drop(e2);
         assert!(!hub.text().unwrap().contains("drbd_resource_role{"));
         drop(reg);
         assert!(hub.text().is_none());
+        assert!(hub.exposition(true).is_none());
+    }
+
+    #[test]
+    fn a_scrape_serves_the_last_rendering_while_an_instance_renders_ahead() {
+        let hub = Arc::new(ExporterHub::default());
+        let mut reg = hub.register(id("p"), false);
+        reg.render_ahead();
+        reg.apply(vec![res("r1", Role::Primary)]);
+        // Nothing rendered yet: the scrape renders.
+        let a = hub.exposition(false).unwrap();
+        assert_eq!(a.resources(), 1);
+        reg.apply(vec![res("r1", Role::Secondary), res("r2", Role::Primary)]);
+        let b = hub.exposition(false).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the instance renders the change: served as it was"
+        );
+        assert_eq!(hub.prerender(), 2);
+        let c = hub.exposition(false).unwrap();
+        assert_eq!(c.resources(), 2);
+        // gzip is asked for: a rendering without compressed groups cannot serve it.
+        let z = hub.exposition(true).unwrap();
+        assert!(z.has_gzip() && !Arc::ptr_eq(&c, &z));
+        // A change the background rendering did not pick up within MAX_LAG: the scrape renders it.
+        reg.apply(vec![(Arc::from("r2"), None)]);
+        assert_eq!(hub.exposition(true).unwrap().resources(), 2);
+        std::thread::sleep(MAX_LAG + Duration::from_millis(50));
+        let d = hub.exposition(true).unwrap();
+        assert_eq!(d.resources(), 1);
+        assert!(d.has_gzip());
+        // Other options (a second instance with enums) are never served from an older rendering.
+        let e2 = hub.register(id("q"), true);
+        assert!(hub.exposition(false).unwrap().opts.enums);
+        drop(e2);
+        // Without an instance rendering ahead, every scrape is up to date.
+        drop(reg);
+        let reg = hub.register(id("p"), false);
+        reg.apply(vec![res("r9", Role::Primary)]);
+        assert_eq!(hub.exposition(false).unwrap().resources(), 1);
+        reg.apply(vec![res("r8", Role::Primary)]);
+        assert_eq!(hub.exposition(false).unwrap().resources(), 2);
+    }
+
+    #[test]
+    fn gzip_scrape_is_the_text_scrape_compressed() {
+        use std::io::Read;
+        let hub = Arc::new(ExporterHub::default());
+        let agent = AgentMetrics::new();
+        let gunzip = |b: &Body| {
+            assert!(b.gzip);
+            let mut out = String::new();
+            flate2::read::GzDecoder::new(&b.bytes[..])
+                .read_to_string(&mut out)
+                .expect("one gzip member");
+            out
+        };
+        let plain = |hub: &ExporterHub| {
+            let b = scrape(hub, &agent.registry, false);
+            assert!(!b.gzip);
+            String::from_utf8(b.bytes).unwrap()
+        };
+        // No exporter instance: the agent's families only, still compressed.
+        let z = scrape(&hub, &agent.registry, true);
+        assert_eq!(gunzip(&z), plain(&hub));
+        let reg = hub.register(id("p"), true);
+        reg.apply(
+            (0..150)
+                .map(|i| res(&format!("r{i:03}"), Role::Secondary))
+                .collect(),
+        );
+        let text = plain(&hub);
+        assert!(
+            text.contains("drbd_resource_role{name=\"r149\",drbd_resource_role=\"Secondary\"} 1\n")
+        );
+        assert!(text.contains("# TYPE drbdreactor_events2_lines_total counter\n"));
+        assert_eq!(gunzip(&scrape(&hub, &agent.registry, true)), text);
+        // One resource changed: one compressed group, the same text as a plain scrape.
+        reg.apply(vec![res("r070", Role::Primary)]);
+        let z = scrape(&hub, &agent.registry, true);
+        assert_eq!(
+            hub.last_compressed(),
+            1,
+            "the drbd_resource_role group of r070"
+        );
+        assert_eq!(gunzip(&z), plain(&hub));
     }
 
     #[test]
@@ -617,11 +769,7 @@ mod tests {
         }
         feed(&mut engine, &dump);
         let full = |hub: &ExporterHub| render::to_text(&hub.view().expect("view"));
-        let scrape = |hub: &ExporterHub| {
-            let mut s = String::new();
-            assert!(hub.write_drbd(&mut s));
-            s
-        };
+        let scrape = |hub: &ExporterHub| hub.text().expect("an instance runs");
         assert_eq!(scrape(&hub), full(&hub));
         assert_eq!(hub.last_rendered(), 3);
         assert_eq!(scrape(&hub), full(&hub));
@@ -725,8 +873,7 @@ mod tests {
         reg.apply(vec![res("r1", Role::Primary), res("r2", Role::Secondary)]);
         assert_eq!(hub.prerender(), 2);
         assert_eq!(hub.prerender(), 0, "nothing changed since");
-        let mut text = String::new();
-        assert!(hub.write_drbd(&mut text));
+        let text = hub.text().unwrap();
         assert_eq!(
             hub.last_rendered(),
             0,
@@ -738,43 +885,56 @@ mod tests {
         r2.promotion_score = 10102;
         reg.apply(vec![(Arc::from("r2"), Some(Arc::new(r2)))]);
         assert_eq!(hub.prerender(), 1, "only the changed resource");
-        let mut after = String::new();
-        hub.write_drbd(&mut after);
+        let after = hub.text().unwrap();
         assert_eq!(hub.last_rendered(), 0);
         assert_ne!(after, text);
         assert_eq!(after, render::to_text(&hub.view().unwrap()));
     }
 
     #[tokio::test]
-    async fn the_plugin_prerenders_a_second_after_a_change() {
+    async fn the_plugin_renders_a_burst_once_it_is_quiet() {
         let hub = Arc::new(ExporterHub::default());
         let p = Prometheus::from_config(&serde_json::json!({}), hub.clone()).unwrap();
         let (mut outbox, inbox) = channel(p.subscription());
         let ctx = plugin_ctx();
         let task = tokio::spawn(Box::new(p).run(inbox, ctx));
-        let t0 = std::time::Instant::now();
+        // Nothing scrapes here: a rendering can only come from the plugin itself.
+        // Rendered, and nothing left to render.
+        let published = || {
+            let resources = lock(&hub.published).as_ref().map(|e| e.resources());
+            resources.filter(|_| hub.up_to_date())
+        };
+        let wait_for = |n: usize| async move {
+            let t0 = std::time::Instant::now();
+            while published() != Some(n) {
+                assert!(t0.elapsed() < Duration::from_secs(10), "never rendered {n}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
         outbox.post(&[res("r1", Role::Primary), res("r2", Role::Primary)]);
-        // Nothing scrapes here: kept fragments can only come from the plugin's own rendering.
-        let kept = || lock(&hub.fragments).entries.len();
-        let mut seen_applied = false;
-        while kept() == 0 {
-            seen_applied |= hub.view().map(|v| v.resources.len()) == Some(2);
-            assert!(t0.elapsed() < Duration::from_secs(10), "never prerendered");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        wait_for(2).await;
+        assert_eq!(hub.last_rendered(), 2);
+        // A burst of deliveries closer together than the quiet time is rendered once, at its end.
+        for i in 0..5 {
+            outbox.post(&[res(
+                "r3",
+                if i % 2 == 0 {
+                    Role::Primary
+                } else {
+                    Role::Secondary
+                },
+            )]);
+            tokio::time::sleep(PRERENDER_QUIET / 5).await;
         }
-        assert!(seen_applied, "applied before it was rendered");
-        assert!(
-            t0.elapsed() >= PRERENDER_DELAY,
-            "rendered after the delay, not at once"
-        );
-        assert_eq!(kept(), 2);
-        let mut text = String::new();
-        hub.write_drbd(&mut text);
+        wait_for(3).await;
+        assert_eq!(hub.last_rendered(), 1, "r3 only");
+        let text = hub.text().unwrap();
         assert_eq!(
             hub.last_rendered(),
             0,
             "the scrape found everything rendered"
         );
+        assert!(text.contains("drbd_resource_suspended{name=\"r3\"} 0\n"));
         outbox.close();
         task.await.unwrap().unwrap();
     }

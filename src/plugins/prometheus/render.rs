@@ -605,7 +605,7 @@ fn push_labels(out: &mut String, names: &[&str], values: &[&str]) {
 }
 
 /// `# HELP` and `# TYPE` lines of a family.
-fn push_header(out: &mut String, def: &FamilyDef) {
+pub fn push_header(out: &mut String, def: &FamilyDef) {
     out.push_str("# HELP ");
     out.push_str(def.name);
     out.push(' ');
@@ -625,7 +625,13 @@ pub struct Fragment {
     /// End of each family's samples in `text`, by family index; a family starts where the one before
     /// ends.
     ends: [u32; FAMILY_COUNT],
+    /// Per family: 0 when it has no samples, otherwise a stamp that changes whenever its text does (a
+    /// fresh stamp for new text; the previous fragment's stamp when the text is the same).
+    stamps: [u64; FAMILY_COUNT],
 }
+
+/// Source of fresh [`Fragment`] stamps (never 0).
+static STAMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Whether the one-hot family `def` has the same samples for both states of a resource: the same labels
 /// (names, peers, volumes, minors) and the same current value. The one-hot families are most of the text
@@ -702,6 +708,12 @@ impl Fragment {
         w.finish()
     }
 
+    /// Identifies the text of family `i`: equal stamps, equal text; 0 for no samples. Stamps are unique
+    /// in the process, so stamps of different resources never compare equal.
+    pub fn stamp(&self, i: usize) -> u64 {
+        self.stamps[i]
+    }
+
     /// The samples of family `i`.
     pub fn family(&self, i: usize) -> &str {
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
@@ -763,6 +775,7 @@ impl<'a> FragmentWriter<'a> {
             frag: Fragment {
                 text,
                 ends: [0; FAMILY_COUNT],
+                stamps: [0; FAMILY_COUNT],
             },
             next: 0,
             current: None,
@@ -774,10 +787,27 @@ impl<'a> FragmentWriter<'a> {
         }
     }
 
+    /// Ends the families before `i`, and stamps the one being written.
     fn close_until(&mut self, i: usize) {
         let len = self.frag.text.len() as u32;
         while self.next < i {
-            self.frag.ends[self.next] = len;
+            let f = self.next;
+            let start = if f == 0 { 0 } else { self.frag.ends[f - 1] };
+            self.frag.ends[f] = len;
+            self.frag.stamps[f] = if start == len {
+                0
+            } else {
+                match self.previous {
+                    // Copied, or rendered to the same text (a statistics change left it alone).
+                    Some((_, prev))
+                        if self.copied && self.current.is_some_and(|d| d.index == f)
+                            || prev.family(f) == &self.frag.text[start as usize..len as usize] =>
+                    {
+                        prev.stamps[f]
+                    }
+                    _ => STAMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                }
+            };
             self.next += 1;
         }
     }
@@ -878,6 +908,20 @@ pub fn exposition_len<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> 
         .map(|f| f.help.len() + 2 * f.name.len() + 24)
         .sum();
     headers + fragments.into_iter().map(Fragment::len).sum::<usize>()
+}
+
+/// The text of the three global families (headers included).
+pub fn globals_text(resources: usize, version: DrbdVersion) -> String {
+    let mut out = String::with_capacity(512);
+    render_globals(
+        resources,
+        version,
+        &mut GlobalsWriter {
+            out: &mut out,
+            current: None,
+        },
+    );
+    out
 }
 
 /// Writes the text exposition: the global families, then per family its header (when any resource has
