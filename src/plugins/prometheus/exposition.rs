@@ -169,6 +169,15 @@ impl Exposition {
         self.gzip.is_some()
     }
 
+    /// Whether a scrape for `opts` (and gzip, when asked) can be served from it, given how the state has
+    /// changed since: it was rendered with these options, has the compressed groups gzip needs, and
+    /// `generation` matches unless `stale_ok`.
+    pub fn serves(&self, opts: Options, gzip: bool, generation: u64, stale_ok: bool) -> bool {
+        self.opts == opts
+            && (!gzip || self.has_gzip())
+            && (stale_ok || self.generation == generation)
+    }
+
     /// Resources in it.
     pub fn resources(&self) -> usize {
         self.fragments.len()
@@ -199,7 +208,8 @@ impl Exposition {
     /// groups. Writes nothing without compressed groups ([`Exposition::has_gzip`]).
     pub fn write_gzip(&self, body: &mut GzipBody, c: &mut Compressor) {
         let Some(gzip) = &self.gzip else { return };
-        let globals = render::globals_text(self.fragments.len(), self.version);
+        let mut globals = String::with_capacity(512);
+        render::write_globals(&mut globals, self.fragments.len(), self.version);
         body.push(&c.piece([globals.as_bytes()]));
         for def in resource_families() {
             let pieces = &gzip[def.index];

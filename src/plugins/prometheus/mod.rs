@@ -296,13 +296,11 @@ impl ExporterHub {
         }
         let (opts, _) = self.options()?;
         if let Some(e) = lock(&self.published).clone() {
-            if e.opts == opts && (!gzip || e.has_gzip()) {
-                let fresh = e.generation == self.generation.load(Ordering::Acquire);
-                let lag_ok = self.renderers.load(Ordering::Relaxed) > 0
-                    && lock(&self.unrendered_since).is_none_or(|t| t.elapsed() < MAX_LAG);
-                if fresh || lag_ok {
-                    return Some(e);
-                }
+            let generation = self.generation.load(Ordering::Acquire);
+            let lag_ok = self.renderers.load(Ordering::Relaxed) > 0
+                && lock(&self.unrendered_since).is_none_or(|t| t.elapsed() < MAX_LAG);
+            if e.serves(opts, gzip, generation, lag_ok) {
+                return Some(e);
             }
         }
         self.refresh(gzip).map(|(e, _)| e)
@@ -322,7 +320,7 @@ impl ExporterHub {
             self.generation.load(Ordering::Acquire)
         };
         if let Some(e) = lock(&self.published).clone() {
-            if e.generation == generation && e.opts == opts && (!gzip || e.has_gzip()) {
+            if e.serves(opts, gzip, generation, false) {
                 // Published while this call waited for the lock.
                 r.rendered = 0;
                 return Some((e, 0));

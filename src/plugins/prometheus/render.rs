@@ -910,18 +910,13 @@ pub fn exposition_len<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> 
     headers + fragments.into_iter().map(Fragment::len).sum::<usize>()
 }
 
-/// The text of the three global families (headers included).
-pub fn globals_text(resources: usize, version: DrbdVersion) -> String {
-    let mut out = String::with_capacity(512);
+/// Appends the text of the three global families (headers included).
+pub fn write_globals(out: &mut String, resources: usize, version: DrbdVersion) {
     render_globals(
         resources,
         version,
-        &mut GlobalsWriter {
-            out: &mut out,
-            current: None,
-        },
+        &mut GlobalsWriter { out, current: None },
     );
-    out
 }
 
 /// Writes the text exposition: the global families, then per family its header (when any resource has
@@ -932,11 +927,7 @@ pub fn write_exposition(
     version: DrbdVersion,
     fragments: &[&Fragment],
 ) {
-    render_globals(
-        resources,
-        version,
-        &mut GlobalsWriter { out, current: None },
-    );
+    write_globals(out, resources, version);
     for def in FAMILIES.iter().skip(RESOURCES.index + 1) {
         let mut header = false;
         for f in fragments {
