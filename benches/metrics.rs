@@ -18,6 +18,7 @@
 //!   (gzip, rendering itself) back to back.
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use drbd_reactor::drbd::state::Resource;
 use drbd_reactor::engine::Engine;
 use drbd_reactor::metrics::AgentMetrics;
 use drbd_reactor::plugins::prometheus::{self as exporter, render, ExporterHub, View};
@@ -65,6 +66,21 @@ fn poll_round(round: u64) -> String {
         let _ = writeln!(s, "change peer-device name:{n} peer-node-id:1 conn-name:node-1 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:{} out-of-sync:0 pending:0 unacked:0", round * 4);
     }
     s
+}
+
+/// The notification a statistics round gives the exporter: each of `resources` with its first device's
+/// read counter advanced by `round`.
+fn changed(resources: &[Arc<Resource>], round: u64) -> Vec<(Arc<str>, Option<Arc<Resource>>)> {
+    resources
+        .iter()
+        .map(|r| {
+            let mut c = (**r).clone();
+            if let Some(d) = c.devices.get_mut(&0) {
+                d.read += round;
+            }
+            (Arc::from(c.name.as_str()), Some(Arc::new(c)))
+        })
+        .collect()
 }
 
 /// CPU time of the calling thread.
@@ -205,17 +221,7 @@ fn bench(c: &mut Criterion) {
             let mut round = 0u64;
             let mut bumped = |n: usize| {
                 round += 1;
-                resources
-                    .iter()
-                    .take(n)
-                    .map(|r| {
-                        let mut c = (**r).clone();
-                        if let Some(d) = c.devices.get_mut(&0) {
-                            d.read += round;
-                        }
-                        (Arc::from(c.name.as_str()), Some(Arc::new(c)))
-                    })
-                    .collect::<Vec<_>>()
+                changed(&resources[..n], round)
             };
             let all = bumped(RESOURCES);
             let hub_with = |ahead: bool| {
@@ -262,46 +268,37 @@ fn bench(c: &mut Criterion) {
                 pre / RUNS
             );
 
-            for n in [0usize, RESOURCES] {
-                let name = format!("{enc}_enums_{on}_changed_{n}_inline");
-                let ran = bench_ran(&mut g, &name, |b| {
+            // One criterion benchmark of a `/metrics` request on `hub` after `setup`.
+            let mut bench_scrape = |name: &str, hub: &ExporterHub, setup: &mut dyn FnMut()| {
+                bench_ran(&mut g, name, |b| {
                     b.iter_batched(
-                        || inline_reg.apply(bumped(n)),
-                        |_| exporter::scrape(&inline, &agent.registry, gzip).bytes.len(),
+                        &mut *setup,
+                        |_| exporter::scrape(hub, &agent.registry, gzip).bytes.len(),
                         BatchSize::PerIteration,
                     )
-                });
-                if ran {
+                })
+            };
+            for n in [0usize, RESOURCES] {
+                let name = format!("{enc}_enums_{on}_changed_{n}_inline");
+                if bench_scrape(&name, &inline, &mut || {
+                    inline_reg.apply(bumped(n));
+                }) {
                     assert_eq!(inline.last_rendered(), n, "{name}: resources rendered anew");
                 }
             }
             let name = format!("{enc}_enums_{on}_changed_{RESOURCES}_rendered_ahead");
-            let ran = bench_ran(&mut g, &name, |b| {
-                b.iter_batched(
-                    || {
-                        ahead_reg.apply(bumped(RESOURCES));
-                        ahead.prerender()
-                    },
-                    |_| exporter::scrape(&ahead, &agent.registry, gzip).bytes.len(),
-                    BatchSize::PerIteration,
-                )
-            });
-            if ran {
+            if bench_scrape(&name, &ahead, &mut || {
+                ahead_reg.apply(bumped(RESOURCES));
+                ahead.prerender();
+            }) {
                 assert_eq!(ahead.last_rendered(), RESOURCES, "{name}: rendered ahead");
             }
             // The round before was rendered; this one is not yet: the scrape serves the last rendering.
             let name = format!("{enc}_enums_{on}_changed_{RESOURCES}_raced");
-            let ran = bench_ran(&mut g, &name, |b| {
-                b.iter_batched(
-                    || {
-                        ahead.prerender();
-                        ahead_reg.apply(bumped(RESOURCES));
-                    },
-                    |_| exporter::scrape(&ahead, &agent.registry, gzip).bytes.len(),
-                    BatchSize::PerIteration,
-                )
-            });
-            if ran {
+            if bench_scrape(&name, &ahead, &mut || {
+                ahead.prerender();
+                ahead_reg.apply(bumped(RESOURCES));
+            }) {
                 assert_eq!(
                     ahead.prerender(),
                     RESOURCES,
@@ -340,18 +337,8 @@ fn bench(c: &mut Criterion) {
             let task = rt.spawn(Box::new(plugin).run(inbox, ctx));
             let mut lags = Vec::new();
             for round in 0..21u64 {
-                let touched: Vec<_> = resources
-                    .iter()
-                    .map(|r| {
-                        let mut c = (**r).clone();
-                        if let Some(d) = c.devices.get_mut(&0) {
-                            d.read += round;
-                        }
-                        (Arc::from(c.name.as_str()), Some(Arc::new(c)))
-                    })
-                    .collect();
-                let read =
-                    |r: &drbd_reactor::drbd::state::Resource| r.devices.get(&0).map(|d| d.read);
+                let touched = changed(&resources, round);
+                let read = |r: &Resource| r.devices.get(&0).map(|d| d.read);
                 let want = read(&touched[0].1.clone().expect("state"));
                 let applied = || {
                     hub.view().is_some_and(|v| {
