@@ -1,4 +1,5 @@
-//! The agent's HTTP endpoints (warp): `/healthz`, `/readyz`, `/status`, `/metrics`; 404 elsewhere.
+//! The agent's HTTP endpoints (warp): `/healthz`, `/readyz`, `/status`, `/status/resources/NAME`,
+//! `/metrics`; 404 elsewhere.
 
 use crate::engine::runtime::{EngineHandle, Health};
 use crate::metrics::AgentMetrics;
@@ -211,15 +212,33 @@ pub fn routes(
                 }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             };
-            let mut r =
-                Response::new(serde_json::to_string_pretty(&body).unwrap_or_default() + "\n");
-            r.headers_mut().insert(
-                "content-type",
-                "application/json".parse().expect("valid header"),
-            );
-            Ok::<_, std::convert::Infallible>(r)
+            Ok::<_, std::convert::Infallible>(json(StatusCode::OK, &body))
         }
     });
+    // The complete kept state of one resource (every field events2 reported), for operators and for
+    // comparing the agent's view with `drbdsetup status --json`.
+    let s = st.clone();
+    let resource = warp::path!("status" / "resources" / String)
+        .and(warp::get())
+        .and_then(move |name: String| {
+            let s = s.clone();
+            async move {
+                let r = match s.engine.snapshot().await {
+                    Ok(snap) => match snap.resources.iter().find(|r| r.name == name) {
+                        Some(r) => json(
+                            StatusCode::OK,
+                            &serde_json::to_value(&**r).unwrap_or_default(),
+                        ),
+                        None => text(
+                            StatusCode::NOT_FOUND,
+                            &format!("no resource {name:?} in the kept state\n"),
+                        ),
+                    },
+                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")),
+                };
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
     let s = st.clone();
     let metrics = warp::path!("metrics")
         .and(warp::get())
@@ -245,13 +264,15 @@ pub fn routes(
     let not_found = warp::any().map(|| {
         text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /status or /metrics\n",
+            "not found: try /healthz, /readyz, /status, /status/resources/NAME or /metrics\n",
         )
     });
     healthz
         .or(readyz)
         .unify()
         .or(status)
+        .unify()
+        .or(resource)
         .unify()
         .map(warp::reply::Reply::into_response)
         .or(metrics)
@@ -279,6 +300,16 @@ fn metrics_response(body: exporter::Body) -> warp::reply::Response {
             warp::http::HeaderValue::from_static("gzip"),
         );
     }
+    r
+}
+
+fn json(code: StatusCode, body: &serde_json::Value) -> Response<String> {
+    let mut r = Response::new(serde_json::to_string_pretty(body).unwrap_or_default() + "\n");
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        "content-type",
+        "application/json".parse().expect("valid header"),
+    );
     r
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod lab;
 pub mod systemd;
 
 /// xorshift64*: deterministic, seedable, no dependency.
