@@ -31,6 +31,7 @@ fn sample_lines(text: &str) -> Vec<String> {
             continue;
         }
         let l = l.replace("^[", "\x1b");
+        let l = strip_capture_prefix(&l).to_string();
         let l = match l.strip_prefix("TIME ") {
             Some(rest) => format!("2026-11-25T10:00:00.000000+00:00 {rest}"),
             None => l,
@@ -38,6 +39,19 @@ fn sample_lines(text: &str) -> Vec<String> {
         out.push(l);
     }
     out
+}
+
+/// Part A of the real `poll-n-statistics` capture was recorded with the capture script prefixing every
+/// line with `[<unix seconds>] `; drbdsetup itself never prints that.
+fn strip_capture_prefix(l: &str) -> &str {
+    if let Some(rest) = l.strip_prefix('[') {
+        if let Some((secs, line)) = rest.split_once("] ") {
+            if !secs.is_empty() && secs.bytes().all(|b| b.is_ascii_digit()) {
+                return line;
+            }
+        }
+    }
+    l
 }
 
 fn samples() -> Vec<(String, String)> {
