@@ -6,14 +6,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The host's drbdsetup, run in the host's mount namespace (its binary, libraries and /etc/drbd.conf),
-/// network namespace (DRBD's generic-netlink family exists only in the initial network namespace) and
+/// The host's drbdsetup, run in the host's mount namespace (its binary, libraries and /etc/drbd.conf) and
 /// UTS namespace (the host's node name, which drbdadm matches against `on <host>` sections). PID 1 is
-/// the host's init because the pod runs with hostPID.
-const DEFAULT_DRBDSETUP: &str = "nsenter --target 1 --mount --uts --net -- drbdsetup";
+/// the host's init because the pod runs with hostPID. Not the network namespace: DRBD 9's
+/// generic-netlink family answers in every network namespace (tests/real_drbd.rs `netns`, on the
+/// real kernel module), so `events2` works from the pod's own.
+const DEFAULT_DRBDSETUP: &str = "nsenter --target 1 --mount --uts -- drbdsetup";
 
 /// The host's drbdadm, run like drbdsetup (only `drbdadm --version`, for the `drbd_version` metric).
-const DEFAULT_DRBDADM: &str = "nsenter --target 1 --mount --uts --net -- drbdadm";
+const DEFAULT_DRBDADM: &str = "nsenter --target 1 --mount --uts -- drbdadm";
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +79,7 @@ struct AgentArgs {
     drbdadm: String,
     /// Command prefix that runs a program on the host, for UMH rules with `where: host` (split like
     /// --drbdsetup; the program and its arguments are appended; empty = run directly). Default: the
-    /// host's mount, UTS and network namespaces through nsenter, like --drbdsetup.
+    /// host's mount, UTS and network namespaces through nsenter (host scripts expect the host's network).
     #[arg(long, env = "HOST_EXEC", default_value = drbd_reactor::plugins::umh::DEFAULT_HOST_EXEC)]
     host_exec: String,
     /// Private directory (created with mode 0700) UMH scripts are written to and run from.

@@ -100,8 +100,14 @@ fn facts_drbdsetup(status: &Value) -> Facts {
         f.insert(format!("peer{p} role"), s(&c["peer-role"]));
         for pd in c["peer_devices"].as_array().into_iter().flatten() {
             let v = &pd["volume"];
-            f.insert(format!("peer{p}/vol{v} replication"), s(&pd["replication-state"]));
-            f.insert(format!("peer{p}/vol{v} peer-disk"), s(&pd["peer-disk-state"]));
+            f.insert(
+                format!("peer{p}/vol{v} replication"),
+                s(&pd["replication-state"]),
+            );
+            f.insert(
+                format!("peer{p}/vol{v} peer-disk"),
+                s(&pd["peer-disk-state"]),
+            );
             f.insert(format!("peer{p}/vol{v} out-of-sync"), s(&pd["out-of-sync"]));
         }
     }
@@ -141,7 +147,10 @@ type Samples = BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>;
 
 fn parse_exposition(text: &str) -> Samples {
     let mut out = Samples::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (head, value) = line.rsplit_once(' ').expect("sample line");
         let (name, labels) = match head.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
@@ -164,7 +173,12 @@ fn parse_exposition(text: &str) -> Samples {
 /// that fact is taken from the expectation.
 fn facts_metrics(m: &Samples, expected: &Facts) -> Facts {
     let mut f = Facts::new();
-    let of = |fam: &str| m.get(fam).into_iter().flatten().filter(|(l, _)| l.get("name").map(String::as_str) == Some("r0"));
+    let of = |fam: &str| {
+        m.get(fam)
+            .into_iter()
+            .flatten()
+            .filter(|(l, _)| l.get("name").map(String::as_str) == Some("r0"))
+    };
     for (l, v) in of("drbd_resource_role") {
         if *v == 1.0 {
             f.insert("role".into(), l["drbd_resource_role"].clone());
@@ -172,20 +186,32 @@ fn facts_metrics(m: &Samples, expected: &Facts) -> Facts {
     }
     for (l, v) in of("drbd_device_state") {
         if *v == 1.0 {
-            f.insert(format!("vol{} disk", l["volume"]), l["drbd_device_state"].clone());
+            f.insert(
+                format!("vol{} disk", l["volume"]),
+                l["drbd_device_state"].clone(),
+            );
         }
     }
     for (l, v) in of("drbd_device_quorum") {
-        f.insert(format!("vol{} quorum", l["volume"]), if *v == 1.0 { "yes" } else { "no" }.into());
+        f.insert(
+            format!("vol{} quorum", l["volume"]),
+            if *v == 1.0 { "yes" } else { "no" }.into(),
+        );
     }
     for (l, v) in of("drbd_device_client") {
-        f.insert(format!("vol{} client", l["volume"]), if *v == 1.0 { "yes" } else { "no" }.into());
+        f.insert(
+            format!("vol{} client", l["volume"]),
+            if *v == 1.0 { "yes" } else { "no" }.into(),
+        );
     }
     for (l, v) in of("drbd_connection_state") {
         if *v == 1.0 {
             let p = &l["peer_node_id"];
             f.insert(format!("peer{p} name"), l["conn_name"].clone());
-            f.insert(format!("peer{p} connection"), l["drbd_connection_state"].clone());
+            f.insert(
+                format!("peer{p} connection"),
+                l["drbd_connection_state"].clone(),
+            );
             let role = format!("peer{p} role");
             if let Some(r) = expected.get(&role) {
                 f.insert(role, r.clone());
@@ -250,7 +276,11 @@ fn assert_agrees(lab: &Lab, n: usize, step: &str) -> Facts {
         let d1 = diff(&kernel, &agent);
         let d2 = diff(&kernel, &metrics);
         if d1.is_empty() && d2.is_empty() {
-            eprintln!("[{step}] node{n} agrees ({} facts, {:.1} s)", kernel.len(), t0.elapsed().as_secs_f64());
+            eprintln!(
+                "[{step}] node{n} agrees ({} facts, {:.1} s)",
+                kernel.len(),
+                t0.elapsed().as_secs_f64()
+            );
             return kernel;
         }
         if t0.elapsed() > Duration::from_secs(20) {
@@ -275,8 +305,10 @@ fn malformed(lab: &Lab, n: usize) -> (u64, u64) {
     )
 }
 
-const CONNECTED_ALL: &str = "[ \"$(drbdadm cstate r0 2>/dev/null | tr ' ' '\\n' | sort -u)\" = Connected ]";
-const UPTODATE_ALL: &str = "[ \"$(drbdadm dstate r0 2>/dev/null | tr '/' '\\n' | sort -u)\" = UpToDate ]";
+const CONNECTED_ALL: &str =
+    "[ \"$(drbdadm cstate r0 2>/dev/null | tr ' ' '\\n' | sort -u)\" = Connected ]";
+const UPTODATE_ALL: &str =
+    "[ \"$(drbdadm dstate r0 2>/dev/null | tr '/' '\\n' | sort -u)\" = UpToDate ]";
 
 fn quorum_is(v: bool) -> String {
     format!("[ \"$(drbdsetup status r0 --json | jq -r '.[0].devices[0].quorum')\" = {v} ]")
@@ -295,7 +327,9 @@ fn save_capture(name: &str, what: &str, text: &str) {
 
 #[test]
 fn state_truth() {
-    let Some(lab) = lab("state_truth") else { return };
+    let Some(lab) = lab("state_truth") else {
+        return;
+    };
     let _case = lab.case();
     lab.reset();
     configure(lab, &res_r0("", ""));
@@ -311,14 +345,24 @@ fn state_truth() {
         lab.sh(n, "drbdadm up r0");
     }
     for n in 1..=3 {
-        lab.wait(n, "all connections Connected", CONNECTED_ALL, Duration::from_secs(120));
+        lab.wait(
+            n,
+            "all connections Connected",
+            CONNECTED_ALL,
+            Duration::from_secs(120),
+        );
     }
     let f = all_agree(lab, &[1, 2, 3], "up");
     assert_eq!(f[0]["vol0 disk"], "Inconsistent");
 
     lab.sh(1, "drbdadm primary --force r0");
     for n in [2, 3] {
-        lab.wait(n, "initial sync done", UPTODATE_ALL, Duration::from_secs(300));
+        lab.wait(
+            n,
+            "initial sync done",
+            UPTODATE_ALL,
+            Duration::from_secs(300),
+        );
     }
     let f = all_agree(lab, &[1, 2, 3], "initial sync");
     assert_eq!(f[0]["role"], "Primary");
@@ -333,19 +377,50 @@ fn state_truth() {
     all_agree(lab, &[1, 2, 3], "promote node1");
 
     lab.cut(1, 2);
-    lab.wait(1, "node2 lost", "[ \"$(drbdadm cstate r0:node2)\" != Connected ]", Duration::from_secs(60));
-    lab.sh(1, "dd if=/dev/urandom of=/dev/drbd0 bs=1M count=4 oflag=direct 2>&1 | tail -1");
+    lab.wait(
+        1,
+        "node2 lost",
+        "[ \"$(drbdadm cstate r0:node2)\" != Connected ]",
+        Duration::from_secs(60),
+    );
+    lab.sh(
+        1,
+        "dd if=/dev/urandom of=/dev/drbd0 bs=1M count=4 oflag=direct 2>&1 | tail -1",
+    );
     let f = all_agree(lab, &[1, 2, 3], "link 1-2 cut, 4 MiB written");
-    assert_ne!(f[0]["peer1/vol0 out-of-sync"], "0", "writes while cut leave out-of-sync blocks");
+    assert_ne!(
+        f[0]["peer1/vol0 out-of-sync"], "0",
+        "writes while cut leave out-of-sync blocks"
+    );
 
     lab.heal(1, 2);
-    lab.wait(2, "resync after the link is back", UPTODATE_ALL, Duration::from_secs(120));
-    lab.wait(1, "node1 sees node2 UpToDate", UPTODATE_ALL, Duration::from_secs(60));
+    lab.wait(
+        2,
+        "resync after the link is back",
+        UPTODATE_ALL,
+        Duration::from_secs(120),
+    );
+    lab.wait(
+        1,
+        "node1 sees node2 UpToDate",
+        UPTODATE_ALL,
+        Duration::from_secs(60),
+    );
     all_agree(lab, &[1, 2, 3], "resync");
 
     lab.power_cut(2);
-    lab.wait(1, "node2 gone", "[ \"$(drbdadm cstate r0:node2)\" != Connected ]", Duration::from_secs(60));
-    lab.wait(3, "node2 gone", "[ \"$(drbdadm cstate r0:node2)\" != Connected ]", Duration::from_secs(60));
+    lab.wait(
+        1,
+        "node2 gone",
+        "[ \"$(drbdadm cstate r0:node2)\" != Connected ]",
+        Duration::from_secs(60),
+    );
+    lab.wait(
+        3,
+        "node2 gone",
+        "[ \"$(drbdadm cstate r0:node2)\" != Connected ]",
+        Duration::from_secs(60),
+    );
     all_agree(lab, &[1, 3], "power cut of node2");
 
     lab.cut(1, 3);
@@ -363,7 +438,12 @@ fn state_truth() {
     lab.start_agent(2, "--statistics-interval 1");
     lab.sh(2, "drbdadm up r0");
     lab.wait(2, "node2 resynced", UPTODATE_ALL, Duration::from_secs(180));
-    lab.wait(1, "node1 sees everyone UpToDate", UPTODATE_ALL, Duration::from_secs(60));
+    lab.wait(
+        1,
+        "node1 sees everyone UpToDate",
+        UPTODATE_ALL,
+        Duration::from_secs(60),
+    );
     all_agree(lab, &[1, 2, 3], "node2 back and resynced");
 
     lab.sh(3, "drbdadm down r0");
@@ -391,7 +471,9 @@ fn state_truth() {
 
 #[test]
 fn events2_poll_semantics() {
-    let Some(lab) = lab("events2_poll_semantics") else { return };
+    let Some(lab) = lab("events2_poll_semantics") else {
+        return;
+    };
     let _case = lab.case();
     lab.reset();
     configure(lab, &res_r0("", ""));
@@ -402,7 +484,12 @@ fn events2_poll_semantics() {
 
     // --poll without --now: `n` prints changed statistics only, no second dump.
     let c = lab.events2_capture(1, "--full --poll");
-    lab.wait(1, "initial dump", "grep -q '^exists -' /root/cap/*.txt", Duration::from_secs(10));
+    lab.wait(
+        1,
+        "initial dump",
+        "grep -q '^exists -' /root/cap/*.txt",
+        Duration::from_secs(10),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let before = c.text();
     c.poll();
@@ -412,7 +499,11 @@ fn events2_poll_semantics() {
     assert_eq!(before.matches("exists -").count(), 1);
     assert!(!new.contains("exists"), "n re-dumped the state: {new}");
     // drbdsetup exits when its stdin reaches EOF, with exit code 0.
-    assert_eq!(c.close_stdin(), Some(0), "drbdsetup events2 --poll exits at EOF on stdin");
+    assert_eq!(
+        c.close_stdin(),
+        Some(0),
+        "drbdsetup events2 --poll exits at EOF on stdin"
+    );
 
     // --now --poll: every `n` prints a complete dump ending in `exists -`.
     let c = lab.events2_capture(1, "--now --full --poll");
@@ -452,7 +543,10 @@ fn netns() {
     // What DRBD 9.2 does: its generic-netlink family is available in every network namespace, so a
     // drbdsetup in the pod's own namespace sees every resource and its changes (the default
     // --drbdsetup enters the host's mount and UTS namespaces only; docs/real-drbd.md).
-    assert!(now.contains("now rc=0") && now.contains("exists resource name:r0"), "{other}");
+    assert!(
+        now.contains("now rc=0") && now.contains("exists resource name:r0"),
+        "{other}"
+    );
     assert!(live.contains("destroy resource name:r0"), "{other}");
 }
 
@@ -476,13 +570,18 @@ spec:
 
 #[test]
 fn umh_on_real_events() {
-    let Some(lab) = lab("umh_on_real_events") else { return };
+    let Some(lab) = lab("umh_on_real_events") else {
+        return;
+    };
     let _case = lab.case();
     lab.reset();
     // the kernel calls before-resync-target on a SyncTarget; drbdadm runs this handler
     configure(
         lab,
-        &res_r0("", "before-resync-target \"/bin/sh -c 'echo called >> /run/handler.log'\";"),
+        &res_r0(
+            "",
+            "before-resync-target \"/bin/sh -c 'echo called >> /run/handler.log'\";",
+        ),
     );
     lab.sh(3, "rm -f /run/umh.log /run/handler.log");
     lab.set_policies(3, &[("umh.yaml", UMH_POLICY)]);
@@ -493,18 +592,34 @@ fn umh_on_real_events() {
     lab.wait(3, "Connected", CONNECTED_ALL, Duration::from_secs(120));
     lab.sh(1, "drbdadm primary --force r0");
     lab.wait(3, "synced", UPTODATE_ALL, Duration::from_secs(300));
-    lab.wait(3, "the rule ran", "grep -q before-resync-target /run/umh.log 2>/dev/null", Duration::from_secs(20));
+    lab.wait(
+        3,
+        "the rule ran",
+        "grep -q before-resync-target /run/umh.log 2>/dev/null",
+        Duration::from_secs(20),
+    );
     // quorum loss on node3: both of its links cut
     lab.isolate(3);
     lab.wait(3, "quorum lost", &quorum_is(false), Duration::from_secs(60));
-    lab.wait(3, "the quorum rule ran", "grep -q quorum-lost /run/umh.log 2>/dev/null", Duration::from_secs(20));
+    lab.wait(
+        3,
+        "the quorum rule ran",
+        "grep -q quorum-lost /run/umh.log 2>/dev/null",
+        Duration::from_secs(20),
+    );
     std::thread::sleep(Duration::from_secs(2));
-    let log = lab.sh(3, "cat /run/umh.log; echo ---; cat /run/handler.log 2>/dev/null; true");
+    let log = lab.sh(
+        3,
+        "cat /run/umh.log; echo ---; cat /run/handler.log 2>/dev/null; true",
+    );
     eprintln!("UMH log on node3:\n{log}");
     let (umh, handler) = log.split_once("---").unwrap();
     assert_eq!(umh.matches("r0 before-resync-target").count(), 1, "{log}");
     assert_eq!(umh.matches("r0 0 quorum-lost").count(), 1, "{log}");
-    assert!(handler.contains("called"), "the kernel really called the handler: {log}");
+    assert!(
+        handler.contains("called"),
+        "the kernel really called the handler: {log}"
+    );
     lab.heal_all();
     lab.stop_agent(3);
     for n in 1..=3 {

@@ -83,7 +83,13 @@ fn cannot_run() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (the image build unpacks a root file system)".into());
     }
-    for tool in ["qemu-system-x86_64", "qemu-img", "python3", "mmdebstrap", "spatch"] {
+    for tool in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "python3",
+        "mmdebstrap",
+        "spatch",
+    ] {
         let found = Command::new("sh")
             .args(["-c", "command -v \"$1\"", "sh", tool])
             .stdout(Stdio::null())
@@ -121,7 +127,11 @@ impl Lab {
             .expect("run tests/infra/vm/build.sh");
         assert!(out.status.success(), "tests/infra/vm/build.sh failed");
         let img = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        eprintln!("lab: image {} ({:.1} s)", img.display(), t0.elapsed().as_secs_f64());
+        eprintln!(
+            "lab: image {} ({:.1} s)",
+            img.display(),
+            t0.elapsed().as_secs_f64()
+        );
         // Short path: QEMU's unix sockets live in it (108-byte limit).
         let run = PathBuf::from(
             String::from_utf8(
@@ -195,7 +205,11 @@ impl Lab {
     }
 
     fn boot(&self, n: usize) {
-        let st = self.vm().args(["start", &n.to_string()]).status().expect("vm.sh start");
+        let st = self
+            .vm()
+            .args(["start", &n.to_string()])
+            .status()
+            .expect("vm.sh start");
         assert!(st.success(), "vm.sh start {n}");
     }
 
@@ -216,7 +230,8 @@ impl Lab {
 
     /// The last lines of guest n's console (kernel and systemd messages).
     pub fn console(&self, n: usize) -> String {
-        let s = std::fs::read_to_string(self.run.join(format!("node{n}.console"))).unwrap_or_default();
+        let s =
+            std::fs::read_to_string(self.run.join(format!("node{n}.console"))).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -232,7 +247,9 @@ impl Lab {
     }
 
     pub fn exec_timeout(&self, n: usize, script: &str, t: Duration) -> Result<String, ExecError> {
-        let _g = self.node_locks[n - 1].lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.node_locks[n - 1]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let out = self
             .vm()
             .env("LAB_EXEC_TIMEOUT", t.as_secs().max(1).to_string())
@@ -269,8 +286,11 @@ impl Lab {
             Ok(_) => t0.elapsed(),
             Err(e) => panic!(
                 "node{n}: timed out after {timeout:?} waiting for {what} ({cond}): {e}\n{}",
-                self.exec(n, "drbdsetup status --verbose 2>&1; journalctl -n 30 --no-pager 2>&1")
-                    .unwrap_or_else(|e| e.output)
+                self.exec(
+                    n,
+                    "drbdsetup status --verbose 2>&1; journalctl -n 30 --no-pager 2>&1"
+                )
+                .unwrap_or_else(|e| e.output)
             ),
         }
     }
@@ -311,7 +331,12 @@ impl Lab {
             }
             let st = self
                 .vm()
-                .args(["link", &x.to_string(), Self::nic(x, y), if up { "on" } else { "off" }])
+                .args([
+                    "link",
+                    &x.to_string(),
+                    Self::nic(x, y),
+                    if up { "on" } else { "off" },
+                ])
                 .stdout(Stdio::null())
                 .status()
                 .expect("vm.sh link");
@@ -353,7 +378,11 @@ impl Lab {
 
     /// Power cut: SIGKILL to guest n's qemu.
     pub fn power_cut(&self, n: usize) {
-        let st = self.vm().args(["kill", &n.to_string()]).status().expect("vm.sh kill");
+        let st = self
+            .vm()
+            .args(["kill", &n.to_string()])
+            .status()
+            .expect("vm.sh kill");
         assert!(st.success());
     }
 
@@ -375,7 +404,10 @@ impl Lab {
     /// Starts `drbdsetup events2 ARGS all` in guest n in the background, with stdin held open (drbdsetup
     /// exits at EOF on stdin).
     pub fn events2_capture(&self, n: usize, args: &str) -> Capture<'_> {
-        let name = format!("cap{}", CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let name = format!(
+            "cap{}",
+            CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         self.sh(
             n,
             &format!(
@@ -385,7 +417,11 @@ impl Lab {
                  for _ in $(seq 50); do [ -s /run/{name}.pid ] && break; sleep 0.05; done"
             ),
         );
-        Capture { lab: self, node: n, name }
+        Capture {
+            lab: self,
+            node: n,
+            name,
+        }
     }
 
     /// Brings every guest back to a clean state: all guests running, links up, no agent unit, no
@@ -418,7 +454,10 @@ impl Lab {
 
     /// Writes the policies (file name, YAML) into guest n's /etc/drbd-reactor.d, replacing what was there.
     pub fn set_policies(&self, n: usize, policies: &[(&str, &str)]) {
-        self.sh(n, "rm -rf /etc/drbd-reactor.d.new && mkdir -p /etc/drbd-reactor.d.new");
+        self.sh(
+            n,
+            "rm -rf /etc/drbd-reactor.d.new && mkdir -p /etc/drbd-reactor.d.new",
+        );
         for (name, yaml) in policies {
             self.write(n, &format!("/etc/drbd-reactor.d.new/{name}"), yaml, 0o644);
         }
@@ -453,21 +492,30 @@ impl Lab {
 
     /// SIGTERM to the agent (systemctl stop), waits until it exited.
     pub fn stop_agent(&self, n: usize) {
-        self.sh(n, &format!("systemctl stop {} 2>/dev/null; true", Self::AGENT_UNIT));
+        self.sh(
+            n,
+            &format!("systemctl stop {} 2>/dev/null; true", Self::AGENT_UNIT),
+        );
     }
 
     /// The agent's log (its unit's journal).
     pub fn agent_log(&self, n: usize) -> String {
         self.exec(
             n,
-            &format!("journalctl -u {} --no-pager -o cat 2>&1 | tail -n 200", Self::AGENT_UNIT),
+            &format!(
+                "journalctl -u {} --no-pager -o cat 2>&1 | tail -n 200",
+                Self::AGENT_UNIT
+            ),
         )
         .unwrap_or_else(|e| e.output)
     }
 
     /// GET of an agent endpoint in guest n; the body.
     pub fn http(&self, n: usize, path: &str) -> String {
-        self.sh(n, &format!("curl -sS --max-time 20 'http://127.0.0.1:9942{path}'"))
+        self.sh(
+            n,
+            &format!("curl -sS --max-time 20 'http://127.0.0.1:9942{path}'"),
+        )
     }
 
     pub fn http_json(&self, n: usize, path: &str) -> serde_json::Value {
@@ -488,12 +536,14 @@ pub struct Capture<'a> {
 impl Capture<'_> {
     /// Writes `n` to drbdsetup's stdin (a statistics poll with `--poll`).
     pub fn poll(&self) {
-        self.lab.sh(self.node, &format!("echo n > /run/{}.in", self.name));
+        self.lab
+            .sh(self.node, &format!("echo n > /run/{}.in", self.name));
     }
 
     /// What was printed so far.
     pub fn text(&self) -> String {
-        self.lab.sh(self.node, &format!("cat /root/cap/{}.txt", self.name))
+        self.lab
+            .sh(self.node, &format!("cat /root/cap/{}.txt", self.name))
     }
 
     /// Whether drbdsetup still runs.
