@@ -75,6 +75,15 @@ fn serves_health_status_and_applies_policy_changes_live() {
     assert_eq!(st["resources"][0]["role"], "Primary");
     assert_eq!(st["source"]["malformedLines"], 1);
     assert!(plugin_ids(&st).is_empty());
+    // the complete kept state of one resource, and 404 for one that does not exist
+    let (code, body) = agent.get("/status/resources/some-resource");
+    assert_eq!(code, 200, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["role"], "Primary");
+    let conn = r["connections"].as_object().unwrap().values().next().unwrap();
+    assert_eq!(conn["conn-name"], "some-peer");
+    assert!(conn["peer-devices"]["0"]["replication"].is_string(), "{r}");
+    assert_eq!(agent.get("/status/resources/nope").0, 404);
 
     // a policy appears: within 2 s its instance runs and gets the whole state first
     let t = Instant::now();
