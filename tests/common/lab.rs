@@ -283,7 +283,10 @@ impl Lab {
             timeout.as_secs() * 5
         );
         match self.exec_timeout(n, &script, timeout + Duration::from_secs(30)) {
-            Ok(_) => t0.elapsed(),
+            Ok(_) => {
+                eprintln!("lab: node{n}: {what} after {:.1} s", t0.elapsed().as_secs_f64());
+                t0.elapsed()
+            }
             Err(e) => panic!(
                 "node{n}: timed out after {timeout:?} waiting for {what} ({cond}): {e}\n{}",
                 self.exec(
