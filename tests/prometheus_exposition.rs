@@ -517,3 +517,27 @@ fn promtool_flags_only_the_documented_upstream_names() {
     )
     .expect("exactly the two upstream findings with both");
 }
+
+#[test]
+fn device_open_is_1_only_for_open_yes() {
+    let dev = |open: &str| {
+        format!("exists device name:r volume:0 minor:3 backing_dev:none disk:UpToDate client:no{open} quorum:yes\nexists -\n")
+    };
+    let series = "drbd_device_open{name=\"r\",volume=\"0\",minor=\"3\"}";
+    for (field, want) in [
+        (" open:yes", "1"),
+        (" open:no", "0"),
+        // Older kernels: drbdsetup knows the field but the kernel does not say.
+        (" open:unknown", "0"),
+        // drbd-utils 9.22 and older print no `open:` at all; upstream's parser then reads false.
+        ("", "0"),
+    ] {
+        let text = render::to_text(&view_of(dev(field).as_bytes(), false));
+        assert_eq!(value(&text, series).as_deref(), Some(want), "{field:?}");
+    }
+    // A later line without the field keeps what an earlier one said (a partial change line).
+    let stream = dev(" open:yes")
+        + "change device name:r volume:0 minor:3 disk:UpToDate quorum:yes size:1\n";
+    let text = render::to_text(&view_of(stream.as_bytes(), false));
+    assert_eq!(value(&text, series).as_deref(), Some("1"));
+}

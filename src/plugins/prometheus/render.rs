@@ -14,7 +14,9 @@
 //! DRBD reported them, and enum values in DRBD's own enum order.
 //!
 //! A `yes`/`no` field that DRBD reported as `unknown` (or did not report) has no sample: an absent series
-//! says "not known", where 0 or 1 would be a guess.
+//! says "not known", where 0 or 1 would be a guess. The one exception is `drbd_device_open`, which is 0
+//! unless DRBD says `open:yes`: drbd-utils releases still in use (9.22, Debian 12's) print no `open:`
+//! field at all, upstream drbd-reactor exports 0 for them (its parser's default), and dashboards sum it.
 
 use crate::drbd::state::{Connection, Device, PeerDevice, Resource};
 use crate::drbd::types::{Blocked, ConnState, DiskState, ReplState, Role, Tri, WriteOrdering};
@@ -131,7 +133,7 @@ families! {
     DEV_QUORUM = "drbd_device_quorum", Gauge, ["name", "volume", "minor"], upstream true, enums false,
         "Whether the device has DRBD quorum";
     DEV_OPEN = "drbd_device_open", Gauge, ["name", "volume", "minor"], upstream true, enums false,
-        "Whether the device is open";
+        "Whether the device is open (0 when DRBD does not report it)";
     DEV_SIZE = "drbd_device_size_bytes", Gauge, ["name", "volume", "minor"], upstream true, enums false,
         "Size of the device in bytes";
     DEV_READ = "drbd_device_read_bytes_total", Counter, ["name", "volume", "minor"], upstream true, enums false,
@@ -296,6 +298,14 @@ fn flag(b: bool) -> f64 {
     } else {
         0.0
     }
+}
+
+/// `drbd_device_open`: 1 only for `open:yes`. Older drbd-utils (9.22 among them) print no `open:` field,
+/// and kernels that cannot tell print `unknown`; both give 0, the value upstream drbd-reactor exports
+/// when the field is absent (its parser's default), so that the series exists and sums over it keep
+/// working.
+fn open(t: Tri) -> f64 {
+    flag(t == Tri::Yes)
 }
 
 const KIB: f64 = 1024.0;
@@ -532,7 +542,7 @@ pub fn render_resource(r: &Resource, opts: Options, sink: &mut dyn Sink) {
         }
     });
     per_dev(sink, &DEV_QUORUM, &|d| tri(d.quorum));
-    per_dev(sink, &DEV_OPEN, &|d| tri(d.open));
+    per_dev(sink, &DEV_OPEN, &|d| Some(open(d.open)));
     per_dev(sink, &DEV_SIZE, &|d| Some(d.size as f64 * KIB));
     per_dev(sink, &DEV_READ, &|d| Some(d.read as f64 * KIB));
     per_dev(sink, &DEV_WRITTEN, &|d| Some(d.written as f64 * KIB));
