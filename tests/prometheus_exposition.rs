@@ -3,6 +3,12 @@
 //! Golden files live in `tests/data/events2/prometheus/`; regenerate them with
 //! `UPDATE_GOLDEN=1 cargo test --test prometheus_exposition` and review the diff.
 //!
+//! Upstream compatibility on real DRBD output: after every line of every real DRBD 9.2.18 capture, the
+//! families marked upstream's equal what upstream drbd-reactor exports for the same lines (a model of
+//! upstream, [`upstream`], written from its documented behaviour), and for the 3-node capture they equal
+//! `prometheus/upstream/real-drbd-9.2.18_3node-full.prom`, written by hand from upstream's rules
+//! (`UPDATE_GOLDEN` never writes it).
+//!
 //! The promtool tests need `promtool` (Debian package `prometheus`). Without it they are skipped with a
 //! loud message, unless `CI` is set: then they fail.
 
