@@ -777,7 +777,7 @@ mod upstream {
         "Behind",
     ];
 
-    #[derive(Debug, Clone, Default)]
+    #[derive(Debug, Clone)]
     struct Resource {
         role: &'static str,
         suspended: bool,
@@ -806,7 +806,7 @@ mod upstream {
         al_suspended: bool,
     }
 
-    #[derive(Debug, Clone, Default)]
+    #[derive(Debug, Clone)]
     struct Connection {
         conn_name: String,
         connection: &'static str,
@@ -822,6 +822,35 @@ mod upstream {
         received: u64,
         sent: u64,
         out_of_sync: u64,
+    }
+
+    /// A resource created by any line that names it: the parser's defaults (role `Unknown`).
+    impl Default for Resource {
+        fn default() -> Resource {
+            Resource {
+                role: "Unknown",
+                suspended: false,
+                may_promote: false,
+                promotion_score: 0,
+                force_io_failures: false,
+                devices: BTreeMap::new(),
+                connections: BTreeMap::new(),
+            }
+        }
+    }
+
+    /// Also the placeholder a peer-device line creates for an unknown connection (`StandAlone`).
+    impl Default for Connection {
+        fn default() -> Connection {
+            Connection {
+                conn_name: String::new(),
+                connection: "StandAlone",
+                congested: false,
+                ap_in_flight: 0,
+                rs_in_flight: 0,
+                peer_devices: BTreeMap::new(),
+            }
+        }
     }
 
     /// The key/value pairs of one line, read the way upstream does.
