@@ -49,6 +49,8 @@ pub struct Lab {
     pub boot_seconds: Mutex<Vec<f64>>,
     case: Mutex<()>,
     node_locks: Vec<Mutex<()>>,
+    /// Outlives the test process on purpose (it tears down after it); kept, never waited for.
+    _watchdog: std::process::Child,
 }
 
 static LAB: OnceLock<Option<Lab>> = OnceLock::new();
@@ -147,7 +149,7 @@ impl Lab {
         RUN_DIR.set(run.clone()).expect("one lab per process");
         unsafe { libc::atexit(teardown_at_exit) };
         // The watchdog: once this process is gone, kill the guests and remove the run dir.
-        Command::new("setsid")
+        let watchdog = Command::new("setsid")
             .args([
                 "sh",
                 "-c",
@@ -163,6 +165,7 @@ impl Lab {
             .spawn()
             .expect("start the lab watchdog");
         let lab = Lab {
+            _watchdog: watchdog,
             nodes,
             run,
             img,
@@ -284,7 +287,10 @@ impl Lab {
         );
         match self.exec_timeout(n, &script, timeout + Duration::from_secs(30)) {
             Ok(_) => {
-                eprintln!("lab: node{n}: {what} after {:.1} s", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "lab: node{n}: {what} after {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
                 t0.elapsed()
             }
             Err(e) => panic!(
