@@ -233,7 +233,7 @@ fn bench(c: &mut Criterion) {
                 reg.apply(all.clone());
                 let body = exporter::scrape(&hub, &agent.registry, gzip);
                 assert_eq!(body.gzip, gzip);
-                (hub, reg, body.bytes.len())
+                (hub, reg, body.len())
             };
             let (inline, inline_reg, bytes) = hub_with(false);
             let (ahead, ahead_reg, _) = hub_with(true);
@@ -273,7 +273,7 @@ fn bench(c: &mut Criterion) {
                 bench_ran(&mut g, name, |b| {
                     b.iter_batched(
                         &mut *setup,
-                        |_| exporter::scrape(hub, &agent.registry, gzip).bytes.len(),
+                        |_| exporter::scrape(hub, &agent.registry, gzip).len(),
                         BatchSize::PerIteration,
                     )
                 })

@@ -24,6 +24,8 @@ pub struct AgentOptions {
     pub node_labels: BTreeMap<String, String>,
     pub statistics_interval: Duration,
     pub listen: ListenAddr,
+    /// Bounds of the HTTP server.
+    pub http: crate::http::HttpLimits,
     pub policy_poll: Duration,
     /// Command line of the host's drbdadm (for `drbd_version`); empty = not queried.
     pub drbdadm: Vec<String>,
@@ -103,6 +105,7 @@ pub async fn run_with_exporter(
         metrics: metrics.clone(),
         policies: policies.clone(),
         exporter,
+        limits: opts.http.clone(),
     };
     let http_task = tokio::spawn(serve_http(
         opts.listen.clone(),
@@ -246,12 +249,8 @@ pub(crate) async fn serve_http(
         Err(_) => tracing::info!("serving HTTP"),
     }
     health.http_bound.store(true, Ordering::Relaxed);
-    let routes = http::routes(st);
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .run()
-        .await;
+    let limits = st.limits.clone();
+    // Unconstrained: under a flood of connections the accept loop drains the kernel's (small) accept
+    // queue instead of yielding to the connection tasks it spawns, which the other workers run.
+    tokio::task::unconstrained(http::server::serve(listener, st, limits, stop)).await;
 }

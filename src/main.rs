@@ -112,6 +112,21 @@ struct AgentArgs {
     /// HTTP listen address: `:PORT` for all addresses (IPv6, falling back to IPv4), or `IP:PORT`.
     #[arg(long, env = "LISTEN", default_value = ":9942")]
     listen: String,
+    /// Most HTTP connections open at once (also at most half the open-file limit); a new one over the
+    /// limit closes the oldest connection without a request in flight.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    http_max_connections: usize,
+    /// Most HTTP requests in flight at once besides /healthz and /readyz (/metrics, /status, ...);
+    /// more are answered 503 with Retry-After.
+    #[arg(long, env = "HTTP_MAX_REQUESTS", default_value_t = 4)]
+    http_max_requests: usize,
+    /// Seconds a client has to send a complete request head; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value_t = 10)]
+    http_header_timeout: u64,
+    /// Seconds a response may take to be sent (a client that does not read is disconnected).
+    #[arg(long, env = "HTTP_RESPONSE_TIMEOUT", default_value_t = 30)]
+    http_response_timeout: u64,
     /// Seconds between scans of the policy directory (SIGHUP scans at once).
     #[arg(long, env = "POLICY_POLL_INTERVAL", default_value_t = 1)]
     policy_poll_interval: u64,
@@ -196,6 +211,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         bail!("--statistics-interval must be at least 1 second");
     }
     let listen: ListenAddr = a.listen.parse()?;
+    let http = http_limits(&a)?;
     let promoter = promoter_options(&a, &drbdsetup, &drbdadm, &host_exec)?;
     let opts = AgentOptions {
         policy_dir,
@@ -204,6 +220,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         node_labels: parse_labels(&a.node_labels)?,
         statistics_interval: Duration::from_secs(a.statistics_interval),
         listen,
+        http,
         policy_poll: Duration::from_secs(a.policy_poll_interval.max(1)),
         drbdadm,
         umh: drbd_reactor::plugins::umh::UmhOptions {
@@ -282,6 +299,7 @@ fn promoter_options(
 
 /// Kubernetes mode: policies from ReactorPolicy objects (in-cluster configuration or KUBECONFIG).
 async fn k8s_main(a: AgentArgs) -> Result<()> {
+    let http = http_limits(&a)?;
     let drbdsetup = shlex::split(&a.drbdsetup).context("--drbdsetup: unbalanced quotes")?;
     if drbdsetup.is_empty() {
         bail!("--drbdsetup is empty");
@@ -311,6 +329,7 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
         namespace: a.namespace,
         statistics_interval: Duration::from_secs(a.statistics_interval),
         listen: a.listen.parse()?,
+        http,
         umh: drbd_reactor::plugins::umh::UmhOptions {
             script_dir: a.umh_script_dir,
             host_exec,
@@ -323,6 +342,21 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
     tracing::info!(node = %opts.node_name, namespace = %opts.namespace, drbdsetup = ?opts.drbdsetup, "starting drbd-reactor agent in Kubernetes mode");
     drbd_reactor::k8s::run(opts).await?;
     Ok(())
+}
+
+fn http_limits(a: &AgentArgs) -> Result<drbd_reactor::http::HttpLimits> {
+    if a.http_max_connections == 0 || a.http_max_requests == 0 {
+        bail!("--http-max-connections and --http-max-requests must be at least 1");
+    }
+    if a.http_header_timeout == 0 || a.http_response_timeout == 0 {
+        bail!("--http-header-timeout and --http-response-timeout must be at least 1 second");
+    }
+    Ok(drbd_reactor::http::HttpLimits {
+        max_connections: a.http_max_connections,
+        max_requests: a.http_max_requests,
+        header_timeout: Duration::from_secs(a.http_header_timeout),
+        response_timeout: Duration::from_secs(a.http_response_timeout),
+    })
 }
 
 fn main() -> Result<()> {

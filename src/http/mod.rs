@@ -1,16 +1,19 @@
-//! The agent's HTTP endpoints (warp): `/healthz`, `/readyz`, `/status`, `/status/resources/NAME`,
-//! `/metrics`; 404 elsewhere.
+//! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/status`, `/status/resources/NAME`, `/metrics`;
+//! 404 elsewhere. Served over HTTP/1.1 with bounded connections, requests and time ([`server`]).
+
+pub mod server;
 
 use crate::engine::runtime::{EngineHandle, Health};
 use crate::metrics::AgentMetrics;
 use crate::plugins::prometheus::{self as exporter, ExporterHub};
 use crate::policy::files::FileProblem;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::Serialize;
+pub use server::{Body, HttpLimits};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use warp::http::{Response, StatusCode};
-use warp::Filter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -65,7 +68,7 @@ pub async fn bind(addr: &ListenAddr) -> Result<tokio::net::TcpListener, HttpErro
     };
     let mut last = None;
     for a in candidates {
-        match tokio::net::TcpListener::bind(a).await {
+        match listen(a) {
             Ok(l) => return Ok(l),
             Err(e) => {
                 // Only fall back when IPv6 itself is unavailable; "address in use" is final.
@@ -81,6 +84,21 @@ pub async fn bind(addr: &ListenAddr) -> Result<tokio::net::TcpListener, HttpErro
         }
     }
     Err(last.expect("at least one candidate"))
+}
+
+/// Backlog of the listening socket: a burst of connections waits in the kernel instead of being
+/// dropped (and retried by the client a second later) while the accept loop catches up.
+const BACKLOG: u32 = 4096;
+
+fn listen(a: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if a.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    socket.listen(BACKLOG)
 }
 
 /// What `/status` shows about policies.
@@ -101,6 +119,8 @@ pub struct HttpState {
     pub policies: Arc<Mutex<PolicyStatus>>,
     /// DRBD families of the running exporter instances (none while no policy enables the exporter).
     pub exporter: Arc<ExporterHub>,
+    /// Bounds of the HTTP server.
+    pub limits: HttpLimits,
 }
 
 #[derive(Serialize)]
@@ -157,168 +177,203 @@ pub fn summary(r: &crate::drbd::state::Resource) -> ResourceSummary {
     }
 }
 
-pub fn routes(
-    st: HttpState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| text(StatusCode::OK, "ok\n"));
-    let s = st.clone();
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        let h = &s.health;
-        let mut why = Vec::new();
-        if !h.source_up.load(Ordering::Relaxed) {
-            why.push("drbdsetup events2 is not running");
-        } else if !h.initial_dump_complete.load(Ordering::Relaxed) {
-            why.push("initial events2 dump not complete");
+/// Answers one request. `/healthz` and `/readyz` are answered at once, outside the request limit; the
+/// others take a place among the limited requests ([`HttpLimits::max_requests`]) or get `503`.
+pub(crate) async fn handle(
+    sh: &server::Shared,
+    guard: server::Guard,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let st = &sh.st;
+    let path = req.uri().path();
+    if req.method() != Method::GET {
+        return not_found();
+    }
+    match path {
+        "/healthz" => return text(StatusCode::OK, "ok\n"),
+        "/readyz" => return readyz(&st.health),
+        _ => {}
+    }
+    let Some(permit) = sh.limited() else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: too many requests in flight, retry later\n",
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return r;
+    };
+    let guard = guard.with_permit(permit);
+    let r = match path {
+        "/metrics" => {
+            let gz = req
+                .headers()
+                .get_all("accept-encoding")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(exporter::accepts_gzip);
+            let st = st.clone();
+            // Rendering is CPU work: keep it off the async workers the engine runs on.
+            tokio::task::spawn_blocking(move || {
+                metrics_response(exporter::scrape(&st.exporter, &st.metrics.registry, gz))
+            })
+            .await
+            .unwrap_or_else(|_| {
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics rendering failed\n",
+                )
+            })
         }
-        if !h.policies_loaded.load(Ordering::Relaxed) {
-            why.push("policies not loaded");
-        }
-        if h.kubernetes_api_unreachable.load(Ordering::Relaxed) {
-            why.push(
-                "Kubernetes API unreachable (retrying; the last applied policies keep running)",
-            );
-        }
-        if why.is_empty() {
-            text(StatusCode::OK, "ready\n")
-        } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("not ready: {}\n", why.join("; ")),
-            )
-        }
-    });
-    let s = st.clone();
-    let status = warp::path!("status").and(warp::get()).and_then(move || {
-        let s = s.clone();
-        async move {
-            let snap = s.engine.snapshot().await;
-            let policies = s.policies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let body = match snap {
-                Ok(snap) => serde_json::json!({
-                    "node": s.node_name,
-                    "ready": s.health.ready(),
-                    "source": {
-                        "up": s.health.source_up.load(Ordering::Relaxed),
-                        "initialDumpComplete": snap.initial_dump_complete,
-                        "lines": s.metrics.lines.get(),
-                        "malformedLines": s.metrics.malformed.get(),
-                        "restarts": s.metrics.source_restarts.get(),
-                    },
-                    "policies": policies,
-                    "plugins": snap.instances,
-                    "resources": snap.resources.iter().map(|r| summary(r)).collect::<Vec<_>>(),
-                }),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            };
-            Ok::<_, std::convert::Infallible>(json(StatusCode::OK, &body))
-        }
-    });
-    // The complete kept state of one resource (every field events2 reported), for operators and for
-    // comparing the agent's view with `drbdsetup status --json`.
-    let s = st.clone();
-    let resource = warp::path!("status" / "resources" / String)
-        .and(warp::get())
-        .and_then(move |name: String| {
-            let s = s.clone();
-            async move {
-                let r = match s.engine.snapshot().await {
-                    Ok(snap) => match snap.resources.iter().find(|r| r.name == name) {
-                        Some(r) => json(
-                            StatusCode::OK,
-                            &serde_json::to_value(&**r).unwrap_or_default(),
-                        ),
-                        None => text(
-                            StatusCode::NOT_FOUND,
-                            &format!("no resource {name:?} in the kept state\n"),
-                        ),
-                    },
-                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")),
-                };
-                Ok::<_, std::convert::Infallible>(r)
+        "/status" => status(st).await,
+        p => match p.strip_prefix("/status/resources/") {
+            Some(name) if !name.is_empty() && !name.contains('/') => {
+                resource(st, &percent_decode(name)).await
             }
-        });
-    let s = st.clone();
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(warp::header::optional::<String>("accept-encoding"))
-        .and_then(move |accept: Option<String>| {
-            let s = s.clone();
-            async move {
-                let gz = accept.as_deref().is_some_and(exporter::accepts_gzip);
-                // Rendering is CPU work: keep it off the async workers the engine runs on.
-                let r = tokio::task::spawn_blocking(move || {
-                    metrics_response(exporter::scrape(&s.exporter, &s.metrics.registry, gz))
-                })
-                .await
-                .unwrap_or_else(|_| {
-                    warp::reply::Reply::into_response(text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "metrics rendering failed\n",
-                    ))
-                });
-                Ok::<_, std::convert::Infallible>(r)
-            }
-        });
-    let not_found = warp::any().map(|| {
-        text(
-            StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /status, /status/resources/NAME or /metrics\n",
-        )
-    });
-    healthz
-        .or(readyz)
-        .unify()
-        .or(status)
-        .unify()
-        .or(resource)
-        .unify()
-        .map(warp::reply::Reply::into_response)
-        .or(metrics)
-        .unify()
-        .or(not_found.map(warp::reply::Reply::into_response))
-        .unify()
+            _ => not_found(),
+        },
+    };
+    server::guarded(r, guard)
 }
 
-/// `/metrics` response: the Prometheus text format (0.0.4), gzip-compressed when the client allows it.
-fn metrics_response(body: exporter::Body) -> warp::reply::Response {
+fn readyz(h: &Health) -> Response<Body> {
+    let mut why = Vec::new();
+    if !h.source_up.load(Ordering::Relaxed) {
+        why.push("drbdsetup events2 is not running");
+    } else if !h.initial_dump_complete.load(Ordering::Relaxed) {
+        why.push("initial events2 dump not complete");
+    }
+    if !h.policies_loaded.load(Ordering::Relaxed) {
+        why.push("policies not loaded");
+    }
+    if h.kubernetes_api_unreachable.load(Ordering::Relaxed) {
+        why.push("Kubernetes API unreachable (retrying; the last applied policies keep running)");
+    }
+    if why.is_empty() {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {}\n", why.join("; ")),
+        )
+    }
+}
+
+/// `/status`: the snapshot is taken on the async side; building and serialising the document (seconds
+/// for 100 000 resources) runs on a blocking thread, so the probes keep answering meanwhile.
+async fn status(st: &HttpState) -> Response<Body> {
+    let snap = st.engine.snapshot().await;
+    let policies = st
+        .policies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || {
+        let body = match snap {
+            Ok(snap) => serde_json::json!({
+                "node": st.node_name,
+                "ready": st.health.ready(),
+                "source": {
+                    "up": st.health.source_up.load(Ordering::Relaxed),
+                    "initialDumpComplete": snap.initial_dump_complete,
+                    "lines": st.metrics.lines.get(),
+                    "malformedLines": st.metrics.malformed.get(),
+                    "restarts": st.metrics.source_restarts.get(),
+                },
+                "policies": policies,
+                "plugins": snap.instances,
+                "resources": snap.resources.iter().map(|r| summary(r)).collect::<Vec<_>>(),
+            }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        json(StatusCode::OK, &body)
+    })
+    .await
+    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "status failed\n"))
+}
+
+/// `/status/resources/NAME`: the complete kept state of one resource (every field events2 reported),
+/// for operators and for comparing the agent's view with `drbdsetup status --json`.
+async fn resource(st: &HttpState, name: &str) -> Response<Body> {
+    match st.engine.snapshot().await {
+        Ok(snap) => match snap.resources.iter().find(|r| r.name == name) {
+            Some(r) => json(
+                StatusCode::OK,
+                &serde_json::to_value(&**r).unwrap_or_default(),
+            ),
+            None => text(
+                StatusCode::NOT_FOUND,
+                &format!("no resource {name:?} in the kept state\n"),
+            ),
+        },
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")),
+    }
+}
+
+fn not_found() -> Response<Body> {
+    text(
+        StatusCode::NOT_FOUND,
+        "not found: try /healthz, /readyz, /status, /status/resources/NAME or /metrics\n",
+    )
+}
+
+/// `%XX` escapes of a path segment decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/metrics` response: the Prometheus text format (0.0.4), gzip-compressed when the client allows it;
+/// the pieces of the body are shared with every other scrape of the same rendering.
+fn metrics_response(body: exporter::Body) -> Response<Body> {
     let gzipped = body.gzip;
-    let mut r = Response::new(body.bytes.into());
+    let mut r = Response::new(Body::new(body.pieces));
     let h = r.headers_mut();
     h.insert(
         "content-type",
-        warp::http::HeaderValue::from_static(prometheus::TEXT_FORMAT),
+        HeaderValue::from_static(prometheus::TEXT_FORMAT),
     );
-    h.insert(
-        "vary",
-        warp::http::HeaderValue::from_static("accept-encoding"),
-    );
+    h.insert("vary", HeaderValue::from_static("accept-encoding"));
     if gzipped {
-        h.insert(
-            "content-encoding",
-            warp::http::HeaderValue::from_static("gzip"),
-        );
+        h.insert("content-encoding", HeaderValue::from_static("gzip"));
     }
     r
 }
 
-fn json(code: StatusCode, body: &serde_json::Value) -> Response<String> {
-    let mut r = Response::new(serde_json::to_string_pretty(body).unwrap_or_default() + "\n");
+fn json(code: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut out = serde_json::to_vec_pretty(body).unwrap_or_default();
+    out.push(b'\n');
+    let mut r = Response::new(Body::new([Bytes::from(out)]));
     *r.status_mut() = code;
-    r.headers_mut().insert(
-        "content-type",
-        "application/json".parse().expect("valid header"),
-    );
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     r
 }
 
-fn text(code: StatusCode, body: &str) -> Response<String> {
-    let mut r = Response::new(body.to_string());
+fn text(code: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(Body::from(body.to_string()));
     *r.status_mut() = code;
     r.headers_mut().insert(
         "content-type",
-        "text/plain; charset=utf-8".parse().expect("valid header"),
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
 }

@@ -51,6 +51,8 @@ pub struct K8sOptions {
     pub namespace: String,
     pub statistics_interval: Duration,
     pub listen: ListenAddr,
+    /// Bounds of the HTTP server.
+    pub http: crate::http::HttpLimits,
     pub umh: crate::plugins::umh::UmhOptions,
     /// Quiet time after a change before the policies are recomputed.
     pub debounce: Duration,
@@ -832,6 +834,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
             metrics: metrics.clone(),
             policies: http_policies.clone(),
             exporter,
+            limits: opts.http.clone(),
         },
         health.clone(),
         stop_rx.clone(),

@@ -12,6 +12,7 @@
 use super::gzip::{Compressor, Deflated, GzipBody};
 use super::render::{self, DrbdVersion, Fragment, Options, FAMILIES, FAMILY_COUNT, RESOURCES};
 use crate::drbd::state::Resource;
+use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 
 /// Resources per compressed group: large enough to compress well (tens of KB per family), small enough
@@ -132,6 +133,8 @@ impl Renderings {
             version,
             fragments: self.entries.iter().map(|(_, _, f)| f.clone()).collect(),
             gzip,
+            text_body: OnceLock::new(),
+            gzip_body: OnceLock::new(),
         }
     }
 }
@@ -145,6 +148,12 @@ pub struct Exposition {
     fragments: Vec<Arc<Fragment>>,
     /// Per family index, its compressed groups that have samples; `None` when not compressed.
     gzip: Option<Vec<Vec<Arc<Deflated>>>>,
+    /// The text of the DRBD families, made once at the first scrape that wants it and then shared by
+    /// every scraper of this generation.
+    text_body: OnceLock<Bytes>,
+    /// The start of the gzip member (header, global families and kept groups) with the CRC of its
+    /// text, made once like `text_body`.
+    gzip_body: OnceLock<Option<(Bytes, crc32fast::Hasher)>>,
 }
 
 /// The `# HELP`/`# TYPE` lines of each family, compressed once.
@@ -202,6 +211,34 @@ impl Exposition {
     pub fn write_text(&self, out: &mut String) {
         let frags: Vec<&Fragment> = self.fragments.iter().map(|f| &**f).collect();
         render::write_exposition(out, frags.len(), self.version, &frags);
+    }
+
+    /// The text of the DRBD families, shared: made at the first call, then the same bytes (reference
+    /// counted, never copied) for every caller.
+    pub fn text_bytes(&self) -> Bytes {
+        self.text_body
+            .get_or_init(|| {
+                let mut out = String::with_capacity(self.text_len());
+                self.write_text(&mut out);
+                Bytes::from(out)
+            })
+            .clone()
+    }
+
+    /// The start of a gzip member holding the DRBD families (no final block, no trailer: finish it with
+    /// [`super::gzip::finish_after`]) and the CRC of its text; shared like [`Exposition::text_bytes`].
+    /// `None` without compressed groups ([`Exposition::has_gzip`]).
+    pub fn gzip_prefix(&self) -> Option<(Bytes, crc32fast::Hasher)> {
+        self.gzip_body
+            .get_or_init(|| {
+                self.has_gzip().then(|| {
+                    let mut body = GzipBody::new(self.compressed_len() + 1024);
+                    self.write_gzip(&mut body, &mut Compressor::default());
+                    let (bytes, crc) = body.into_prefix();
+                    (Bytes::from(bytes), crc)
+                })
+            })
+            .clone()
     }
 
     /// Appends the DRBD families to a gzip body: the global families compressed now, then the kept

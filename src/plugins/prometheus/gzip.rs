@@ -101,6 +101,12 @@ impl GzipBody {
         self.crc.combine(&piece.crc);
     }
 
+    /// The member so far (header and pieces) and the CRC-32 of its text, to be finished later with
+    /// [`finish_after`] (which appends more pieces, the final block and the trailer).
+    pub fn into_prefix(self) -> (Vec<u8>, crc32fast::Hasher) {
+        (self.out, self.crc)
+    }
+
     /// The finished member: an empty final block, the CRC-32 and the length (modulo 2^32) of the text.
     pub fn finish(mut self) -> Vec<u8> {
         self.out.extend_from_slice(&FINAL_BLOCK);
@@ -110,6 +116,20 @@ impl GzipBody {
         self.out.extend_from_slice(&len.to_le_bytes());
         self.out
     }
+}
+
+/// The end of a gzip member whose start (header and pieces, text CRC `prefix_crc`) is kept elsewhere:
+/// the `tail` pieces, an empty final block and the trailer. Sending the kept start and then this is one
+/// valid gzip member.
+pub fn finish_after(prefix_crc: &crc32fast::Hasher, tail: &[&Deflated]) -> Vec<u8> {
+    let mut body = GzipBody {
+        out: Vec::with_capacity(tail.iter().map(|p| p.bytes.len()).sum::<usize>() + 16),
+        crc: prefix_crc.clone(),
+    };
+    for p in tail {
+        body.push(p);
+    }
+    body.finish()
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use super::{Delivery, Inbox, InstanceId, Plugin, PluginCtx, PluginError, Subscri
 use crate::drbd::state::Resource;
 use ::prometheus::core::{Collector, Desc};
 use ::prometheus::proto;
+use bytes::Bytes;
 use exposition::{Exposition, Renderings};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -419,11 +420,29 @@ impl Collector for HubCollector {
     }
 }
 
-/// One `/metrics` body.
+/// One `/metrics` body, in pieces sent one after the other: the DRBD families, shared by every scrape
+/// of the same state (reference counted [`Bytes`], never copied per scrape), then the agent's own
+/// families (small, made per scrape).
 pub struct Body {
-    pub bytes: Vec<u8>,
-    /// Gzip-compressed (one gzip member).
+    pub pieces: Vec<Bytes>,
+    /// Gzip-compressed (together, the pieces are one gzip member).
     pub gzip: bool,
+}
+
+impl Body {
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole body in one buffer (a copy; for tests and tools).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
 }
 
 thread_local! {
@@ -433,6 +452,9 @@ thread_local! {
 
 /// The whole `/metrics` body: the DRBD families (while an exporter runs, see [`ExporterHub::exposition`]),
 /// then the agent's own families; with `gzip`, compressed, mostly from groups compressed ahead of time.
+/// The DRBD part is made once per published rendering and shared by every scrape of it
+/// ([`Exposition::text_bytes`], [`Exposition::gzip_prefix`]); a scrape itself allocates only the
+/// agent's own families (about 10 KB).
 pub fn scrape(hub: &ExporterHub, agent: &::prometheus::Registry, gzip: bool) -> Body {
     let mut own = String::with_capacity(16 * 1024);
     if let Err(e) = ::prometheus::TextEncoder::new().encode_utf8(&agent.gather(), &mut own) {
@@ -440,24 +462,27 @@ pub fn scrape(hub: &ExporterHub, agent: &::prometheus::Registry, gzip: bool) -> 
     }
     let drbd = hub.exposition(gzip);
     if gzip {
-        let bytes = COMPRESSOR.with_borrow_mut(|c| {
-            let mut body =
-                GzipBody::new(drbd.as_ref().map_or(0, |e| e.compressed_len()) + own.len() / 4);
-            if let Some(e) = &drbd {
-                e.write_gzip(&mut body, c);
-            }
-            body.push(&c.piece([own.as_bytes()]));
-            body.finish()
+        return COMPRESSOR.with_borrow_mut(|c| {
+            let own = c.piece([own.as_bytes()]);
+            let prefix = drbd.as_ref().and_then(|e| e.gzip_prefix());
+            let pieces = match prefix {
+                Some((start, crc)) => vec![start, Bytes::from(gzip::finish_after(&crc, &[&own]))],
+                None => {
+                    let mut body = GzipBody::new(own.compressed_len());
+                    body.push(&own);
+                    vec![Bytes::from(body.finish())]
+                }
+            };
+            Body { pieces, gzip: true }
         });
-        return Body { bytes, gzip: true };
     }
-    let mut out = String::with_capacity(drbd.as_ref().map_or(0, |e| e.text_len()) + own.len());
+    let mut pieces = Vec::with_capacity(2);
     if let Some(e) = &drbd {
-        e.write_text(&mut out);
+        pieces.push(e.text_bytes());
     }
-    out.push_str(&own);
+    pieces.push(Bytes::from(own));
     Body {
-        bytes: out.into_bytes(),
+        pieces,
         gzip: false,
     }
 }
@@ -712,7 +737,7 @@ mod tests {
         let gunzip = |b: &Body| {
             assert!(b.gzip);
             let mut out = String::new();
-            flate2::read::GzDecoder::new(&b.bytes[..])
+            flate2::read::GzDecoder::new(&b.to_vec()[..])
                 .read_to_string(&mut out)
                 .expect("one gzip member");
             out
@@ -720,7 +745,7 @@ mod tests {
         let plain = |hub: &ExporterHub| {
             let b = scrape(hub, &agent.registry, false);
             assert!(!b.gzip);
-            String::from_utf8(b.bytes).unwrap()
+            String::from_utf8(b.to_vec()).unwrap()
         };
         // No exporter instance: the agent's families only, still compressed.
         let z = scrape(&hub, &agent.registry, true);
