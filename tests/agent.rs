@@ -80,7 +80,12 @@ fn serves_health_status_and_applies_policy_changes_live() {
     assert_eq!(code, 200, "{body}");
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["role"], "Primary");
-    let conn = r["connections"].as_object().unwrap().values().next().unwrap();
+    let conn = r["connections"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap();
     assert_eq!(conn["conn-name"], "some-peer");
     assert!(conn["peer-devices"]["0"]["replication"].is_string(), "{r}");
     assert_eq!(agent.get("/status/resources/nope").0, 404);
