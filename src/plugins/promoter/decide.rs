@@ -230,6 +230,9 @@ pub struct Res {
     edge_at: Option<Instant>,
     /// A scheduled start and why it waits.
     promote_at: Option<(Instant, String)>,
+    /// The may_promote edge the scheduled start's delay counts from: while the start waits, the delay
+    /// follows the state (a disk that becomes UpToDate shortens it).
+    promote_edge: Option<Instant>,
     last_start: Option<Instant>,
     failures: u32,
     backoff_until: Option<Instant>,
@@ -392,6 +395,7 @@ impl Res {
             warnings: Vec::new(),
             edge_at: None,
             promote_at: None,
+            promote_edge: None,
             last_start: None,
             failures: 0,
             backoff_until: None,
@@ -503,6 +507,7 @@ impl Res {
                     self.on_promotable(now, t);
                 } else if was && !is {
                     self.promote_at = None;
+                    self.promote_edge = None;
                     self.edge_at = None;
                 }
                 if old.role == Role::Primary && new.role != Role::Primary {
@@ -536,6 +541,25 @@ impl Res {
             }
             _ => {}
         }
+        self.follow_delay(t);
+    }
+
+    /// A start waiting for its promotion delay: the delay follows the state, counted from the same
+    /// may_promote edge. Real DRBD prints a state change's resource line before its device lines, so when
+    /// a Primary vanishes the survivors get `may_promote:yes` while their disk still shows Consistent,
+    /// and the `disk:UpToDate` of the same change one line later; without this the Consistent second
+    /// would stay in the delay.
+    fn follow_delay(&mut self, t: &Timing) {
+        if self.promote_at.is_none() {
+            return;
+        }
+        let (Some(edge), Some(policy), Some(r)) =
+            (self.promote_edge, self.policy(), self.drbd.clone())
+        else {
+            return;
+        };
+        let (delay, why) = promote_delay(&self.cfg, policy, &r);
+        self.schedule(edge + delay, why, t);
     }
 
     /// may_promote went from no to yes: schedule a start after the promotion delay.
@@ -550,6 +574,7 @@ impl Res {
         };
         let Some(r) = self.drbd.clone() else { return };
         let (delay, why) = promote_delay(&self.cfg, policy, &r);
+        self.promote_edge = Some(now.mono);
         self.schedule(now.mono + delay, why, t);
     }
 
@@ -635,12 +660,14 @@ impl Res {
         }
         self.starting = true;
         self.last_start = Some(now.mono);
+        self.promote_edge = None;
         self.note = None;
         out.push(Action::Start);
     }
 
     fn stop(&mut self, out: &mut Vec<Action>, warning: bool, reason: &'static str, why: String) {
         self.promote_at = None;
+        self.promote_edge = None;
         if self.stopping {
             return;
         }
@@ -936,6 +963,7 @@ impl Res {
                     let edge = self.edge_at.take().unwrap_or(now.mono);
                     if let Some(res) = self.drbd.clone() {
                         let (delay, why) = promote_delay(&self.cfg, policy, &res);
+                        self.promote_edge = Some(edge);
                         self.schedule(edge + delay, why, t);
                     }
                 }

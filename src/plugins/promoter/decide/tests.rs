@@ -1029,3 +1029,139 @@ fn rfc3339_dates() {
     assert_eq!(t(1_700_000_000), "2023-11-14T22:13:20Z");
     assert_eq!(t(4_102_444_799), "2099-12-31T23:59:59Z");
 }
+
+/// Seconds of a `--timestamps` prefix within its minute (`2026-12-07T18:19:22.154756+00:00` → 22.154756);
+/// the test sequences below stay within one minute.
+fn ts_secs(line: &str) -> f64 {
+    line[17..26].parse().unwrap()
+}
+
+/// Real DRBD 9.2.18 (3 QEMU guests, drbd-utils 9.22): node2's `events2 --timestamps --full` when the
+/// Primary node1 lost power; node1, node2, node3 in `preferredNodes`. The initial dump, then the lines of
+/// the loss. DRBD prints `may_promote:yes` (22.154756) one line before the `disk:UpToDate` of the same
+/// state change, so at the edge the local disk still reads Consistent.
+const NODE2_PRIMARY_LOST: &str = "\
+2026-12-07T18:19:14.067114+00:00 exists resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:no promotion_score:10103
+2026-12-07T18:19:14.067114+00:00 exists connection name:r0 peer-node-id:2 conn-name:node3 connection:Connected role:Secondary congested:no ap-in-flight:0 rs-in-flight:0
+2026-12-07T18:19:14.067114+00:00 exists connection name:r0 peer-node-id:0 conn-name:node1 connection:Connected role:Primary congested:no ap-in-flight:0 rs-in-flight:0
+2026-12-07T18:19:14.067114+00:00 exists device name:r0 volume:0 minor:0 backing_dev:/dev/vdb disk:UpToDate client:no quorum:yes size:65496 read:0 written:139616 al-writes:2 bm-writes:8 upper-pending:0 lower-pending:0 al-suspended:no blocked:no
+2026-12-07T18:19:14.067114+00:00 exists peer-device name:r0 peer-node-id:2 conn-name:node3 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:14.067114+00:00 exists peer-device name:r0 peer-node-id:0 conn-name:node1 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:65838 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:14.084540+00:00 exists -
+2026-12-07T18:19:22.119390+00:00 change resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:no promotion_score:10001
+2026-12-07T18:19:22.119390+00:00 change connection name:r0 peer-node-id:0 conn-name:node1 connection:NetworkFailure role:Unknown congested:no ap-in-flight:0 rs-in-flight:0
+2026-12-07T18:19:22.119390+00:00 change device name:r0 volume:0 minor:0 backing_dev:/dev/vdb disk:Consistent client:no quorum:yes size:65496 read:0 written:139616 al-writes:2 bm-writes:8 upper-pending:0 lower-pending:0 al-suspended:no
+2026-12-07T18:19:22.119390+00:00 change peer-device name:r0 peer-node-id:0 conn-name:node1 volume:0 replication:Off peer-disk:DUnknown peer-client:no resync-suspended:no received:65838 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:22.145736+00:00 change resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:yes promotion_score:10001
+2026-12-07T18:19:22.145736+00:00 change peer-device name:r0 peer-node-id:2 conn-name:node3 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:22.146513+00:00 change resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:no promotion_score:0
+2026-12-07T18:19:22.146513+00:00 change peer-device name:r0 peer-node-id:2 conn-name:node3 volume:0 replication:Established peer-disk:Consistent peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:22.146761+00:00 change path name:r0 peer-node-id:0 conn-name:node1 local:ipv4:10.0.12.2:7789 peer:ipv4:10.0.12.1:7789 established:no
+2026-12-07T18:19:22.147187+00:00 call helper name:r0 peer-node-id:0 conn-name:node1 helper:disconnected
+2026-12-07T18:19:22.154756+00:00 change resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:yes promotion_score:10101
+2026-12-07T18:19:22.154756+00:00 change device name:r0 volume:0 minor:0 backing_dev:/dev/vdb disk:UpToDate client:no quorum:yes size:65496 read:0 written:139616 al-writes:2 bm-writes:8 upper-pending:0 lower-pending:2 al-suspended:no
+2026-12-07T18:19:22.166176+00:00 change peer-device name:r0 peer-node-id:2 conn-name:node3 volume:0 replication:Established peer-disk:Consistent peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:22.166976+00:00 change resource name:r0 role:Secondary suspended:no force-io-failures:no write-ordering:flush may_promote:yes promotion_score:10102
+2026-12-07T18:19:22.166976+00:00 change peer-device name:r0 peer-node-id:2 conn-name:node3 volume:0 replication:Established peer-disk:UpToDate peer-client:no resync-suspended:no received:0 sent:0 out-of-sync:0 pending:0 unacked:0
+2026-12-07T18:19:22.319942+00:00 response helper name:r0 peer-node-id:0 conn-name:node1 helper:disconnected status:0
+2026-12-07T18:19:22.322190+00:00 change connection name:r0 peer-node-id:0 conn-name:node1 connection:Unconnected role:Unknown congested:no ap-in-flight:0 rs-in-flight:0
+2026-12-07T18:19:22.325815+00:00 change connection name:r0 peer-node-id:0 conn-name:node1 connection:Connecting role:Unknown congested:no ap-in-flight:0 rs-in-flight:0
+";
+
+/// The real sequence through the engine into node2's decisions, each line at its own timestamp: the
+/// start is due one second (node2's rank) after the last may_promote edge, not two (rank + the Consistent
+/// disk the edge line was printed with).
+#[test]
+fn real_primary_loss_the_delay_follows_the_disk_that_becomes_uptodate() {
+    let spec = PromotedResource {
+        preferred_nodes: vec!["node1".into(), "node2".into(), "node3".into()],
+        ..spec()
+    };
+    let mut h = H::new(spec, "node2");
+    let mut engine = crate::engine::Engine::new();
+    let mut edge = None;
+    for line in NODE2_PRIMARY_LOST.lines() {
+        let mut ups = Vec::new();
+        assert!(engine.apply_line(line, &mut ups), "{line}");
+        h.at(ts_secs(line));
+        for u in &ups {
+            let acts = h.input(Input::Update(u));
+            if acts.contains(&Action::Detect) {
+                assert_eq!(h.detected(SbPolicy::Quorum), vec![]);
+            }
+            if let Change::Resource { old, new } = &u.change {
+                if old.may_promote != Tri::Yes && new.may_promote == Tri::Yes {
+                    edge = Some(ts_secs(line));
+                }
+            }
+        }
+    }
+    let edge = edge.unwrap();
+    assert_eq!(edge, 22.154756);
+    let due = h.wake_secs().unwrap();
+    assert!(
+        (due - (edge + 1.0)).abs() < 1e-6,
+        "due at {due}, the edge was at {edge}"
+    );
+    assert_eq!(
+        h.status().1,
+        format!(
+            "waiting {} s: 2nd preferred node",
+            ceil_secs(Duration::from_secs_f64(due - 22.325815))
+        )
+    );
+    h.at(due);
+    assert_eq!(h.tick(), vec![Action::Start]);
+}
+
+/// While a start waits, the delay follows the local disk both ways, counted from the same edge.
+#[test]
+fn the_delay_follows_the_disk_while_the_start_waits() {
+    let mut h = H::new(
+        PromotedResource {
+            preferred_nodes: vec!["n1".into(), "n2".into()],
+            ..spec()
+        },
+        "n2",
+    );
+    h.w.disks = vec![DiskState::Consistent];
+    h.boot();
+    assert_eq!(h.wake_secs(), Some(2.0), "1 s Consistent + 1 s rank");
+    h.at(0.4);
+    let old = h.w.clone();
+    h.w.disks = vec![DiskState::UpToDate];
+    assert_eq!(h.dev_change(&old), vec![]);
+    assert_eq!(h.wake_secs(), Some(1.0));
+    assert_eq!(
+        h.status(),
+        ("standby", "waiting 1 s: 2nd preferred node".into())
+    );
+    h.at(0.6);
+    let old = h.w.clone();
+    h.w.disks = vec![DiskState::Outdated];
+    assert_eq!(h.dev_change(&old), vec![]);
+    assert_eq!(h.wake_secs(), Some(3.0));
+    // a disk that gets better after the shortened deadline passed: due at once
+    h.at(2.5);
+    let old = h.w.clone();
+    h.w.disks = vec![DiskState::UpToDate];
+    assert_eq!(h.dev_change(&old), vec![]);
+    assert_eq!(h.wake_secs(), Some(1.0));
+    assert_eq!(h.tick(), vec![Action::Start]);
+    // the minimum interval between starts still holds while following
+    h.done(ActionKind::Start, Outcome::NotPromoted("lost".into()));
+    h.done(ActionKind::Stop, Outcome::Ok);
+    h.at(3.0);
+    let old = h.w.clone();
+    h.w.may_promote = false;
+    h.res_change(&old);
+    let old = h.w.clone();
+    h.w.may_promote = true;
+    h.w.disks = vec![DiskState::Consistent];
+    h.res_change(&old);
+    assert_eq!(h.wake_secs(), Some(22.5), "20 s after the start at 2.5");
+    let old = h.w.clone();
+    h.w.disks = vec![DiskState::UpToDate];
+    h.dev_change(&old);
+    assert_eq!(h.wake_secs(), Some(22.5));
+}
