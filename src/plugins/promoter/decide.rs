@@ -233,6 +233,9 @@ pub struct Res {
     /// The may_promote edge the scheduled start's delay counts from: while the start waits, the delay
     /// follows the state (a disk that becomes UpToDate shortens it).
     promote_edge: Option<Instant>,
+    /// After stopping for a fail-back: no start here before this time, so that the more preferred node
+    /// takes over (its start may take longer than the second its rank gains it), and why.
+    hold: Option<(Instant, String)>,
     last_start: Option<Instant>,
     failures: u32,
     backoff_until: Option<Instant>,
@@ -396,6 +399,7 @@ impl Res {
             edge_at: None,
             promote_at: None,
             promote_edge: None,
+            hold: None,
             last_start: None,
             failures: 0,
             backoff_until: None,
@@ -537,7 +541,7 @@ impl Res {
                 new,
                 ..
             } if old.peer_disk != DiskState::UpToDate && new.peer_disk == DiskState::UpToDate => {
-                self.maybe_fail_back(*peer_node_id, out);
+                self.maybe_fail_back(*peer_node_id, now, t, out);
             }
             _ => {}
         }
@@ -596,6 +600,10 @@ impl Res {
             at = b;
             why = format!("start failed {}×, backing off", self.failures);
         }
+        if let Some((h, hwhy)) = self.hold.as_ref().filter(|h| h.0 > at) {
+            at = *h;
+            why = hwhy.clone();
+        }
         self.promote_at = Some((at, why));
     }
 
@@ -633,7 +641,8 @@ impl Res {
         }
         let ls = self.last_start?;
         let at = ls + t.retry_interval.max(t.min_start_interval);
-        Some(self.backoff_until.map_or(at, |b| b.max(at)))
+        let at = self.backoff_until.map_or(at, |b| b.max(at));
+        Some(self.hold.as_ref().map_or(at, |h| h.0.max(at)))
     }
 
     fn try_start(&mut self, now: Now, t: &Timing, out: &mut Vec<Action>) {
@@ -650,6 +659,7 @@ impl Res {
         let due = [
             self.last_start.map(|l| l + t.min_start_interval),
             self.backoff_until,
+            self.hold.as_ref().map(|h| h.0),
         ]
         .into_iter()
         .flatten()
@@ -661,6 +671,7 @@ impl Res {
         self.starting = true;
         self.last_start = Some(now.mono);
         self.promote_edge = None;
+        self.hold = None;
         self.note = None;
         out.push(Action::Start);
     }
@@ -788,7 +799,7 @@ impl Res {
         }
     }
 
-    fn maybe_fail_back(&mut self, peer_node_id: u32, out: &mut Vec<Action>) {
+    fn maybe_fail_back(&mut self, peer_node_id: u32, now: Now, t: &Timing, out: &mut Vec<Action>) {
         let s = &self.cfg.spec;
         if s.preferred_nodes.is_empty()
             || s.preferred_nodes_policy != PreferredNodesPolicy::Always
@@ -819,6 +830,15 @@ impl Res {
                 "FailBack",
                 format!("fail-back to the more preferred node {peer}"),
             );
+            // Our own demotion makes us promotable again at once, and our one second of extra delay can
+            // be less than the preferred node needs to reach `drbdsetup primary` (1.4 s on the QEMU
+            // guests of the real-DRBD lab): we could win the race we just gave up, and then no fail-back
+            // follows. Leave the start to the preferred node for the minimum start interval; if it does
+            // not take over by then, we are a candidate again.
+            self.hold = Some((
+                now.mono + t.min_start_interval,
+                format!("fail-back to {peer}: leaving the start to it"),
+            ));
         }
     }
 
