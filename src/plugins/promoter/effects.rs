@@ -258,6 +258,10 @@ impl Effects {
         }
         let m = self.manager.as_ref()?;
         let t = m.unit_state(&target_unit(&spec.name)).await.ok()?;
+        if !t.is_active() {
+            // an inactive target's units do not run, so they are not frozen
+            return Some((false, false));
+        }
         let mut frozen = false;
         for u in Self::freezable_units(spec) {
             if m.unit_state(&u).await.is_ok_and(|s| s.is_frozen()) {

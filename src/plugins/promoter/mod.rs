@@ -279,7 +279,10 @@ impl Driver {
                 .event(warning, reason, format!("{}: {message}", spec.name)),
             Action::Detect => {
                 tokio::spawn(async move {
+                    let t0 = Instant::now();
                     let r = eff.detect(&spec).await;
+                    tracing::debug!(target: "promoter", resource = %spec.name,
+                        elapsed_ms = t0.elapsed().as_millis() as u64, ok = r.is_ok(), "split-brain-avoidance detection done");
                     let _ = tx.send((i, Back::Detected(r)));
                 });
             }
@@ -293,7 +296,10 @@ impl Driver {
                 tracing::info!(target: "promoter", instance = %self.ctx.id, resource = %spec.name, action = kind.as_str(), "acting");
                 let metrics = self.ctx.metrics.clone();
                 tokio::spawn(async move {
+                    let t0 = Instant::now();
                     let o = eff.act(&spec, kind).await;
+                    tracing::debug!(target: "promoter", resource = %spec.name, action = kind.as_str(),
+                        elapsed_ms = t0.elapsed().as_millis() as u64, outcome = o.label(), "action done");
                     metrics
                         .promoter_actions
                         .with_label_values(&[&spec.name, kind.as_str(), o.label()])
@@ -342,7 +348,10 @@ impl Plugin for Promoter {
             let any_systemd = me.resources.iter().any(|r| r.runner == Runner::Systemd);
             let dir = UnitDir::new(&opts.unit_dir);
 
-            // 1. Unit files, then one reload.
+            // 1. Unit files, then one reload, and meanwhile drbdadm adjust (independent of each other;
+            // on a slow host the reload alone takes seconds: 3-6 s on the QEMU guests of the real-DRBD
+            // lab, most of an agent's time to its first decision).
+            let t_setup = Instant::now();
             let batch: Vec<(String, Vec<UnitFile>)> = me
                 .resources
                 .iter()
@@ -353,17 +362,24 @@ impl Plugin for Promoter {
             let written = tokio::task::spawn_blocking(move || write_files(&d, &batch, t, &s, any_systemd))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
-            match written {
-                Ok(true) => {
-                    if let Some(m) = &opts.manager {
-                        if let Err(e) = m.reload().await {
-                            ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
+            tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t_setup.elapsed().as_millis() as u64,
+                changed = ?written, "unit files written");
+            let reload = async {
+                match written {
+                    Ok(true) => {
+                        if let Some(m) = &opts.manager {
+                            let t0 = Instant::now();
+                            if let Err(e) = m.reload().await {
+                                ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
+                            }
+                            tracing::debug!(target: "promoter", instance = %ctx.id,
+                                elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
                         }
                     }
+                    Ok(false) => {}
+                    Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
                 }
-                Ok(false) => {}
-                Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
-            }
+            };
 
             // 2. drbdadm adjust, all resources at once.
             let adjusts = me
@@ -373,9 +389,16 @@ impl Plugin for Promoter {
                 .map(|r| {
                     let eff = eff.clone();
                     let name = r.name.clone();
-                    async move { (name.clone(), eff.adjust(&name).await) }
+                    async move {
+                        let t0 = Instant::now();
+                        let r = eff.adjust(&name).await;
+                        tracing::debug!(target: "promoter", resource = %name,
+                            elapsed_ms = t0.elapsed().as_millis() as u64, ok = r.is_ok(), "drbdadm adjust done");
+                        (name.clone(), r)
+                    }
                 });
-            for (name, r) in futures::future::join_all(adjusts).await {
+            let ((), adjusted) = futures::future::join(reload, futures::future::join_all(adjusts)).await;
+            for (name, r) in adjusted {
                 if let Err(e) = r {
                     ctx.event(true, "AdjustFailed", format!("{name}: {e}"));
                 }
@@ -410,6 +433,8 @@ impl Plugin for Promoter {
                 let (active, frozen) = o.unwrap_or((false, false));
                 run.step(i, Input::Observed { active, frozen });
             }
+            tracing::debug!(target: "promoter", instance = %ctx.id,
+                elapsed_ms = t_setup.elapsed().as_millis() as u64, "set up: deciding from here");
             run.publish();
 
             // 4. Events, effect results and deadlines.

@@ -21,6 +21,8 @@ struct Recorder {
     /// Stopping a target leaves its promote unit `failed` (the demotion failed).
     fail_demote: std::sync::atomic::AtomicBool,
     failed: Mutex<HashSet<String>>,
+    /// The units whose state was asked for.
+    states: Mutex<Vec<String>>,
 }
 
 impl Recorder {
@@ -82,6 +84,7 @@ impl ServiceManager for Recorder {
         async { Ok(()) }.boxed()
     }
     fn unit_state<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<UnitState, SystemdError>> {
+        self.states.lock().unwrap().push(unit.to_string());
         let active = self.active.lock().unwrap().contains(unit);
         let failed = self.failed.lock().unwrap().contains(unit);
         async move {
@@ -563,4 +566,43 @@ async fn a_failed_demotion_is_reported_as_escalation() {
     );
     out.close();
     task.await.unwrap().unwrap();
+}
+
+/// At start-up the freezer state of the start units is asked only when the services run (an inactive
+/// target's units are not frozen): two D-Bus round trips less per start unit before the first decision,
+/// which cost 0.8 s on the real-DRBD lab's guests.
+#[tokio::test]
+async fn observe_asks_for_frozen_units_only_when_the_services_run() {
+    let e = env();
+    let spec: PromotedResource = serde_json::from_value(serde_json::json!({
+        "name": "r0", "start": ["a.mount", "b.service"]
+    }))
+    .unwrap();
+    let eff = effects::Effects {
+        manager: Some(e.rec.clone()),
+        host_exec: Vec::new(),
+        drbdsetup: Vec::new(),
+        drbdadm: Vec::new(),
+        node: "n1".into(),
+        cgroup2: true,
+    };
+    assert_eq!(eff.observe(&spec).await, Some((false, false)));
+    assert_eq!(
+        *e.rec.states.lock().unwrap(),
+        vec!["drbd-services@r0.target".to_string()]
+    );
+    e.rec.states.lock().unwrap().clear();
+    e.rec
+        .active
+        .lock()
+        .unwrap()
+        .insert("drbd-services@r0.target".into());
+    assert_eq!(eff.observe(&spec).await, Some((true, false)));
+    assert_eq!(
+        *e.rec.states.lock().unwrap(),
+        vec![
+            "drbd-services@r0.target".to_string(),
+            "b.service".to_string()
+        ]
+    );
 }
