@@ -262,3 +262,4 @@ pub fn tool_or_skip(name: &str, test: &str) -> Option<std::path::PathBuf> {
         }
     }
 }
+pub mod faithful;
