@@ -237,10 +237,8 @@ fn drbdsetup(
             Ok(0)
         }
         "--version" | "version" => {
-            let _ = writeln!(
-                out,
-                "DRBDADM_BUILDTAG=drbd-sim\nDRBDADM_API_VERSION=2\nDRBD_KERNEL_VERSION_CODE=0x09020c\nDRBD_KERNEL_VERSION=9.2.12\nDRBDADM_VERSION_CODE=0x092200\nDRBDADM_VERSION=9.34.0"
-            );
+            let utils = store.clock()?.drbd_utils;
+            let _ = writeln!(out, "{}", version_text(utils.as_deref()));
             Ok(0)
         }
         "help" | "--help" | "-h" => {
@@ -252,6 +250,26 @@ fn drbdsetup(
         ))
         .into()),
     }
+}
+
+/// `drbdadm --version` (kernel 9.2.12 and drbd-utils 9.34.0, or the cluster's drbd-utils version).
+fn version_text(utils: Option<&str>) -> String {
+    let (code, version) = match utils {
+        None => ("0x092200".to_string(), "9.34.0".to_string()),
+        Some(v) => {
+            let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+            let (a, b, c) = (
+                it.next().unwrap_or(0),
+                it.next().unwrap_or(0),
+                it.next().unwrap_or(0),
+            );
+            (
+                format!("0x{:02x}{:02x}{:02x}", a.min(255), b.min(255), c.min(255)),
+                format!("{a}.{b}.{c}"),
+            )
+        }
+    };
+    format!("DRBDADM_BUILDTAG=drbd-sim\nDRBDADM_API_VERSION=2\nDRBD_KERNEL_VERSION_CODE=0x09020c\nDRBD_KERNEL_VERSION=9.2.12\nDRBDADM_VERSION_CODE={code}\nDRBDADM_VERSION={version}")
 }
 
 fn text_status(c: &Cluster, node: &str, res: Option<&str>, now: u64) -> (String, Option<String>) {
@@ -344,6 +362,9 @@ enum CtlCmd {
         /// Start over: drop the journal.
         #[arg(long)]
         reset: bool,
+        /// Print events2 as this drbd-utils version's drbdsetup does (e.g. 9.22: no `open:` field).
+        #[arg(long)]
+        drbd_utils: Option<String>,
     },
     /// Create a resource on some nodes (configured, attached and connected like `drbdadm up`).
     Create {
@@ -379,6 +400,8 @@ enum CtlCmd {
     },
     /// Take a resource down on all nodes and forget it.
     Delete { resource: String },
+    /// `drbdadm down RES` on one node: it leaves gracefully (its peers see TearDown).
+    Down { node: String, resource: String },
     /// Crash a node: its connections drop, its role is lost.
     NodeDown { node: String },
     /// Boot a crashed node: its resources come up and connect.
@@ -595,13 +618,18 @@ fn ctl_cmd(store: &Store, cmd: CtlCmd, out: &mut dyn Write) -> Result<(), StoreE
         CtlCmd::Init {
             manual_clock,
             reset,
+            drbd_utils,
         } => {
             let mode = if manual_clock {
                 ClockMode::Manual
             } else {
                 ClockMode::Real
             };
-            return store.init(mode, reset);
+            store.init(mode, reset)?;
+            if drbd_utils.is_some() {
+                store.set_drbd_utils(drbd_utils.as_deref())?;
+            }
+            return Ok(());
         }
         CtlCmd::Create {
             resource,
@@ -636,6 +664,10 @@ fn ctl_cmd(store: &Store, cmd: CtlCmd, out: &mut dyn Write) -> Result<(), StoreE
             )?
         }
         CtlCmd::Delete { resource } => Op::Delete { res: resource },
+        CtlCmd::Down { node, resource } => Op::Down {
+            node,
+            res: resource,
+        },
         CtlCmd::NodeDown { node } => Op::NodeDown { node },
         CtlCmd::NodeUp { node } => Op::NodeUp { node },
         CtlCmd::Cut { a, b } => Op::Cut { a, b },

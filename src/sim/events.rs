@@ -1,10 +1,10 @@
 //! `drbdsetup events2` for one simulated node: the pure printer state machine ([`Printer`]) and the
 //! process loop that tails the journal ([`run`]).
 
-use super::model::{Cluster, SimError};
+use super::model::{Cluster, HelperCall, SimError};
 use super::store::{Store, StoreError};
 use super::view::{merge_live, node_views, print_changes, res_view, PrintOpts, ResView};
-use crate::drbd::events2::Verb;
+use crate::drbd::events2::{Event, HelperFields, Object, Verb};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::mpsc;
@@ -19,6 +19,38 @@ pub struct Events2Opts {
     pub timestamps: bool,
     pub now: bool,
     pub poll: bool,
+    /// The drbd-utils version whose drbdsetup is imitated (the cluster's `drbd-utils` setting; `None`:
+    /// the current one). Not a drbdsetup option.
+    pub drbd_utils: Option<String>,
+}
+
+/// Whether drbdsetup of this drbd-utils version prints the device's `open:` field. drbd-utils 9.22
+/// (the real captures) does not; the current drbd-utils (9.34, GRAMMAR.md) does. Versions in between
+/// were not checked: the simulator draws the line at 9.23.
+pub fn prints_open(drbd_utils: Option<&str>) -> bool {
+    let Some(v) = drbd_utils else {
+        return true;
+    };
+    let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (major, minor) >= (9, 23)
+}
+
+/// Checks a `drbd-utils` version setting: `MAJOR.MINOR[.PATCH]`, digits only.
+pub fn check_utils_version(v: &str) -> Result<(), String> {
+    let parts: Vec<&str> = v.split('.').collect();
+    if (2..=3).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 4 && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "drbd-utils version '{}': use MAJOR.MINOR[.PATCH], e.g. 9.22",
+            v.escape_debug()
+        ))
+    }
 }
 
 impl Events2Opts {
@@ -48,7 +80,9 @@ impl Events2Opts {
     }
 
     pub fn print_opts(&self) -> PrintOpts {
-        PrintOpts::new(self.full, self.statistics)
+        let mut p = PrintOpts::new(self.full, self.statistics);
+        p.open_field = prints_open(self.drbd_utils.as_deref());
+        p
     }
 }
 
@@ -104,20 +138,28 @@ impl Printer {
         if self.opts.resource.as_deref().is_some_and(|f| f != res) {
             return 0;
         }
+        let helpers = self.print_helpers(c, res, out);
         let new = c
             .resources
             .get(res)
             .and_then(|r| res_view(c, r, &self.node, now));
-        let old = self.tracked.get(res);
-        if old.is_none() && new.is_none() {
-            return 0;
-        }
         let prefix = self.prefix();
-        match (old, new) {
+        let n = match (self.tracked.get(res), new) {
             (Some(old), Some(new)) => {
-                let merged = merge_live(old, &new);
+                let mut merged = merge_live(old, &new);
+                // After a write the kernel pushes the writer's device statistics.
+                if c.stats_push
+                    .as_ref()
+                    .is_some_and(|(n, r)| *n == self.node && r == res)
+                {
+                    for (v, d) in merged.devices.iter_mut() {
+                        if let Some(nd) = new.devices.get(v) {
+                            d.stats = nd.stats.clone();
+                        }
+                    }
+                }
                 if *old == merged {
-                    return 0;
+                    return helpers;
                 }
                 let n = print_changes(
                     out,
@@ -141,7 +183,55 @@ impl Printer {
                 n
             }
             (None, None) => 0,
+        };
+        helpers + n
+    }
+
+    /// The `call helper`/`response helper` lines of the helpers this node runs in this step (the
+    /// simulator has no handlers: every helper returns 0).
+    fn print_helpers(&self, c: &Cluster, res: &str, out: &mut String) -> usize {
+        let mine: Vec<&HelperCall> = c
+            .helpers
+            .iter()
+            .filter(|h| h.node == self.node && h.res == res)
+            .collect();
+        if mine.is_empty() {
+            return 0;
         }
+        let Some(m) = c.resources.get(res).and_then(|r| r.members.get(&self.node)) else {
+            return 0;
+        };
+        let prefix = self.prefix();
+        let mut n = 0;
+        for h in mine {
+            let peer = h
+                .peer
+                .as_deref()
+                .and_then(|p| m.peers.get(p).map(|x| (p, x)));
+            let minor = h.vol.and_then(|v| m.vols.get(&v)).map(|v| v.minor);
+            for (verb, status) in [(Verb::Call, None), (Verb::Response, Some(0))] {
+                let e = Event {
+                    verb,
+                    object: Object::Helper(HelperFields {
+                        name: res,
+                        peer_node_id: peer.map(|(_, x)| x.node_id),
+                        conn_name: peer.map(|(p, _)| p),
+                        local: None,
+                        peer: None,
+                        volume: h.vol,
+                        minor,
+                        helper: h.helper,
+                        status,
+                    }),
+                    extra: Vec::new(),
+                };
+                out.push_str(&prefix);
+                out.push_str(&e.to_line());
+                out.push('\n');
+                n += 1;
+            }
+        }
+        n
     }
 
     /// `n` on stdin with `--poll`: fetch everything again and print what changed (statistics too).
@@ -244,6 +334,8 @@ pub fn run(
     if l.cluster.nodes.get(node).is_some_and(|n| !n.up) {
         return Err(SimError::NodeDown(node.into()).into());
     }
+    let mut opts = opts;
+    opts.drbd_utils = cfg.drbd_utils.clone();
     let mut p = Printer::new(node, opts.clone());
     let mut buf = String::with_capacity(1 << 16);
     let now = store.now(&cfg, &l.cluster);
@@ -304,7 +396,7 @@ pub fn run(
 }
 
 /// Applies new journal entries, printing after every state change.
-fn follow(
+pub fn follow(
     store: &Store,
     l: &mut super::store::Loaded,
     p: &mut Printer,

@@ -151,6 +151,10 @@ pub struct ResOpts {
     pub rr_conflict: String,
     /// Resync speed in KiB/s.
     pub sync_rate_kib: u64,
+    /// net `ping-int` in seconds: how long a peer that crashed or a cut link goes unnoticed (DRBD's
+    /// default is 10). 0, the simulator's default, notices at once.
+    #[serde(default)]
+    pub ping_int: u64,
 }
 
 impl Default for ResOpts {
@@ -165,6 +169,7 @@ impl Default for ResOpts {
             fencing: "dont-care".into(),
             rr_conflict: "disconnect".into(),
             sync_rate_kib: DEFAULT_SYNC_RATE_KIB,
+            ping_int: 0,
         }
     }
 }
@@ -223,6 +228,13 @@ impl ResOpts {
                     &["disconnect", "retry-connect", "violently", "call-pri-lost"],
                 )?
             }
+            "ping-int" => {
+                self.ping_int = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 120)
+                    .ok_or_else(|| SimError::Invalid(format!("option {key}: '{v}' is not 0..120 (seconds)")))?
+            }
             "sync-rate-kib" => {
                 self.sync_rate_kib = v
                     .parse()
@@ -230,7 +242,7 @@ impl ResOpts {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| SimError::Invalid(format!("option {key}: '{v}' is not a positive number")))?
             }
-            _ => return invalid(format!("unknown option '{key}' (known: quorum, on-no-quorum, on-no-data-accessible, on-suspended-primary-outdated, auto-promote, allow-two-primaries, fencing, rr-conflict, sync-rate-kib)")),
+            _ => return invalid(format!("unknown option '{key}' (known: quorum, on-no-quorum, on-no-data-accessible, on-suspended-primary-outdated, auto-promote, allow-two-primaries, fencing, rr-conflict, sync-rate-kib, ping-int)")),
         }
         Ok(())
     }
@@ -287,6 +299,9 @@ pub struct Vol {
     pub written: u64,
     pub al_writes: u64,
     pub bm_writes: u64,
+    /// `Attaching` or `Detaching` while the kernel is in the middle of it (one state change).
+    #[serde(default)]
+    pub transit: Option<DiskState>,
 }
 
 impl Vol {
@@ -296,7 +311,9 @@ impl Vol {
 
     /// The disk state the kernel reports.
     pub fn shown_disk(&self) -> DiskState {
-        if self.attached {
+        if let Some(t) = &self.transit {
+            t.clone()
+        } else if self.attached {
             self.disk.clone()
         } else {
             DiskState::Diskless
@@ -316,6 +333,10 @@ pub struct PeerVol {
     pub received: u64,
     /// Present on the SyncSource side while a resync runs.
     pub resync: Option<Resync>,
+    /// What this node knows of the peer's disk while not connected to it: `Outdated` when the Primary
+    /// outdated the peer through a third node (DRBD relays the state change); `None` is `DUnknown`.
+    #[serde(default)]
+    pub known_disk: Option<DiskState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +355,10 @@ pub struct Peer {
     pub split_brain: bool,
     pub paths: Vec<PathCfg>,
     pub vols: BTreeMap<u32, PeerVol>,
+    /// The link to this peer broke at this time (peer crashed, cable cut) and DRBD has not noticed
+    /// yet: it does after `ping-int`.
+    #[serde(default)]
+    pub lost_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -342,6 +367,14 @@ pub struct Member {
     pub role: Role,
     pub fail_io: bool,
     pub auto_promoted: bool,
+    /// Was Primary since the resource came up on this node: DRBD reports `write-ordering:none` until
+    /// the first promotion (every real capture shows it), `flush` after.
+    #[serde(default)]
+    pub promoted_once: bool,
+    /// The node crashed while Primary: its data comes back UpToDate on reboot (a Secondary's comes
+    /// back Consistent).
+    #[serde(default)]
+    pub crashed_primary: bool,
     /// `ip:port` of this node for this resource.
     pub address: String,
     pub vols: BTreeMap<u32, Vol>,
@@ -420,6 +453,16 @@ impl Res {
         };
         if self.opts.quorum == QuorumOpt::Off {
             return true;
+        }
+        // Without a local disk, quorum comes only from peers: none connected, no quorum (DRBD
+        // reports `quorum:no` for a device created before its peers and its disk). Without any peer
+        // configured there is none either (a device whose connections `drbdadm down` deleted stays
+        // `quorum:no`).
+        let attached = me.vols.values().any(|v| v.attached && v.holds_data());
+        if me.peers.is_empty()
+            || (!attached && !me.peers.values().any(|p| p.cstate == ConnState::Connected))
+        {
+            return false;
         }
         let diskless_of = |name: &str| {
             self.members
@@ -543,6 +586,24 @@ pub struct Cluster {
     /// Time of the last applied operation (ms since the cluster's epoch).
     pub now_ms: u64,
     pub next_port: u32,
+    /// User-mode helpers called in the current step (`call helper`/`response helper` lines); only
+    /// set while the step callback runs.
+    #[serde(skip)]
+    pub helpers: Vec<HelperCall>,
+    /// A node whose device statistics the kernel pushes in the current step (after a write): DRBD
+    /// sends a `change device` with fresh counters without a poll. Only set while the step runs.
+    #[serde(skip)]
+    pub stats_push: Option<(String, String)>,
+}
+
+/// A user-mode helper DRBD runs on `node` (and its exit status 0: the simulator has no handlers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperCall {
+    pub node: String,
+    pub res: String,
+    pub peer: Option<String>,
+    pub vol: Option<u32>,
+    pub helper: &'static str,
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {
@@ -622,6 +683,11 @@ pub struct CreateSpec {
 pub enum Op {
     Create(CreateSpec),
     Delete {
+        res: String,
+    },
+    /// `drbdadm down RES` on one node: it leaves gracefully (the peers see `TearDown`).
+    Down {
+        node: String,
         res: String,
     },
     NodeDown {
@@ -803,15 +869,31 @@ impl Cluster {
             .expect("checked"))
     }
 
-    /// Earliest time a running resync completes.
+    /// Earliest time something is due: a running resync completes, or DRBD notices a lost peer.
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.resources
-            .values()
-            .flat_map(|r| r.members.values())
-            .flat_map(|m| m.peers.values())
-            .flat_map(|p| p.vols.values())
-            .filter_map(|pv| pv.resync.as_ref().map(Resync::due_ms))
-            .min()
+        let mut due: Option<u64> = None;
+        let mut at = |t: u64| due = Some(due.map_or(t, |d| d.min(t)));
+        for r in self.resources.values() {
+            let ping = r.opts.ping_int.saturating_mul(1000);
+            for (a, m) in &r.members {
+                for (b, p) in &m.peers {
+                    if let Some(t) = p.lost_at {
+                        if self.node_up(a) {
+                            at(t.saturating_add(ping));
+                        }
+                    }
+                    if !self.link_ok(a, b) {
+                        continue;
+                    }
+                    for pv in p.vols.values() {
+                        if let Some(rs) = &pv.resync {
+                            at(rs.due_ms());
+                        }
+                    }
+                }
+            }
+        }
+        due
     }
 
     /// Applies one operation at time `at`. On error the cluster may be partially changed: callers
@@ -819,10 +901,18 @@ impl Cluster {
     pub fn apply(&mut self, op: &Op, at: u64, step: &mut Step<'_>) -> Result<(), SimError> {
         self.now_ms = self.now_ms.max(at);
         self.complete_resyncs(step);
+        self.detect_losses(None, step);
         match op {
             Op::Tick => Ok(()),
             Op::Create(spec) => self.create(spec, step),
             Op::Delete { res } => self.delete(res, step),
+            Op::Down { node, res } => {
+                self.member(node, res)?;
+                if self.member(node, res)?.any_open() {
+                    return Err(SimError::state(res, -12));
+                }
+                self.down_member(node, res, step)
+            }
             Op::NodeDown { node } => self.node_down(node, step),
             Op::NodeUp { node } => self.node_up_op(node, step),
             Op::Cut { a, b } => self.cut_link(a, b, step),
@@ -847,6 +937,12 @@ impl Cluster {
             } => {
                 for v in self.vols_of(node, res, *vol)? {
                     self.write(node, res, v, *kib)?;
+                }
+                if *kib > 0 {
+                    // The writer's kernel pushes its device statistics (a `change device` line).
+                    self.stats_push = Some((node.clone(), res.clone()));
+                    step(self, res);
+                    self.stats_push = None;
                 }
                 Ok(())
             }
@@ -920,6 +1016,10 @@ impl Cluster {
             let r = &self.resources[&rn];
             for (a, m) in &r.members {
                 for (b, p) in &m.peers {
+                    // A resync towards a peer that is gone (not noticed yet) stalls.
+                    if !self.link_ok(a, b) {
+                        continue;
+                    }
                     for (v, pv) in &p.vols {
                         if pv.resync.as_ref().is_some_and(|rs| rs.due_ms() <= now) {
                             done.push((a.clone(), b.clone(), *v));
@@ -930,11 +1030,68 @@ impl Cluster {
             if done.is_empty() {
                 continue;
             }
-            let r = self.resources.get_mut(&rn).expect("exists");
+            // Each resync that ends is its own state change (DRBD's resyncs to two peers never end in
+            // the same one), followed by the target's `after-resync-target`.
             for (src, dst, v) in done {
+                let r = self.resources.get_mut(&rn).expect("exists");
                 finish_resync(r, &src, &dst, v);
+                step(self, &rn);
+                let call = HelperCall {
+                    node: dst,
+                    res: rn.clone(),
+                    peer: Some(src),
+                    vol: Some(v),
+                    helper: "after-resync-target",
+                };
+                self.run_helpers(&rn, vec![call], step);
             }
-            step(self, &rn);
+        }
+    }
+
+    /// Runs user-mode helpers: one state change whose only output is their `call`/`response` lines.
+    fn run_helpers(&mut self, res: &str, calls: Vec<HelperCall>, step: &mut Step<'_>) {
+        let calls: Vec<HelperCall> = calls
+            .into_iter()
+            .filter(|c| self.node_up(&c.node))
+            .collect();
+        if calls.is_empty() {
+            return;
+        }
+        self.helpers = calls;
+        step(self, res);
+        self.helpers.clear();
+    }
+
+    /// DRBD notices the links that broke `ping-int` ago (all of them involving `node` now, if given:
+    /// a heal or a reboot makes the loss visible at once).
+    fn detect_losses(&mut self, node: Option<&str>, step: &mut Step<'_>) {
+        let now = self.now_ms;
+        let names: Vec<String> = self.resources.keys().cloned().collect();
+        for rn in names {
+            let r = &self.resources[&rn];
+            let ping = r.opts.ping_int.saturating_mul(1000);
+            let mut sides = Vec::new();
+            for (a, m) in &r.members {
+                for (b, p) in &m.peers {
+                    let Some(t) = p.lost_at else { continue };
+                    let forced = node.is_some_and(|n| n == a || n == b);
+                    if forced || t.saturating_add(ping) <= now {
+                        sides.push((a.clone(), b.clone()));
+                    }
+                }
+            }
+            if sides.is_empty() {
+                continue;
+            }
+            let r = self.resources.get_mut(&rn).expect("exists");
+            for (a, b) in &sides {
+                if let Some(p) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
+                    p.lost_at = None;
+                }
+            }
+            let sides: Vec<(String, String)> =
+                sides.into_iter().filter(|(a, _)| self.node_up(a)).collect();
+            self.lose_sides(&rn, sides, step);
         }
     }
 
@@ -1030,40 +1187,53 @@ impl Cluster {
                     self.attach_inner(res, &n.name, v, None, Some(n.disk), step);
                 }
             }
-        }
-        if spec.connect {
-            for (i, a) in spec.nodes.iter().enumerate() {
-                for b in spec.nodes.iter().skip(i + 1) {
-                    for (x, y) in [(&a.name, &b.name), (&b.name, &a.name)] {
-                        let r = self.resources.get_mut(res).expect("created");
-                        r.members
-                            .get_mut(x.as_str())
-                            .and_then(|m| m.peers.get_mut(y.as_str()))
-                            .expect("configured")
-                            .want = true;
-                    }
-                    self.try_connect(res, &a.name, &b.name, step);
-                    // Unreachable peers (down, cut): the connection keeps trying.
-                    let r = self.resources.get_mut(res).expect("created");
-                    let mut changed = false;
-                    for (x, y) in [(&a.name, &b.name), (&b.name, &a.name)] {
-                        let p = r
-                            .members
-                            .get_mut(x.as_str())
-                            .and_then(|m| m.peers.get_mut(y.as_str()))
-                            .expect("configured");
-                        if p.cstate == ConnState::StandAlone && !p.split_brain {
-                            p.cstate = ConnState::Connecting;
-                            changed = true;
-                        }
-                    }
-                    if changed {
-                        step(self, res);
+            if spec.connect {
+                for (j, p) in spec.nodes.iter().enumerate() {
+                    if j != i {
+                        self.start_connecting(res, &n.name, &p.name, step);
                     }
                 }
             }
         }
+        if spec.connect {
+            for (i, a) in spec.nodes.iter().enumerate() {
+                for b in spec.nodes.iter().skip(i + 1) {
+                    self.try_connect(res, &a.name, &b.name, step);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `drbdsetup connect`: the connection goes `Unconnected`, then `Connecting` (two state changes;
+    /// a node that is down just keeps the wish). It connects once the peer is `Connecting` too.
+    fn start_connecting(&mut self, res: &str, node: &str, peer: &str, step: &mut Step<'_>) {
+        let up = self.node_up(node);
+        let Some(p) = self
+            .resources
+            .get_mut(res)
+            .and_then(|r| r.members.get_mut(node))
+            .and_then(|m| m.peers.get_mut(peer))
+        else {
+            return;
+        };
+        p.want = true;
+        p.split_brain = false;
+        if !up {
+            p.cstate = ConnState::Connecting;
+            return;
+        }
+        for st in [ConnState::Unconnected, ConnState::Connecting] {
+            if let Some(p) = self
+                .resources
+                .get_mut(res)
+                .and_then(|r| r.members.get_mut(node))
+                .and_then(|m| m.peers.get_mut(peer))
+            {
+                p.cstate = st;
+            }
+            step(self, res);
+        }
     }
 
     fn delete(&mut self, res: &str, step: &mut Step<'_>) -> Result<(), SimError> {
@@ -1092,7 +1262,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// `drbdadm down` on one node: demote, disconnect, detach, then delete every object.
+    /// `drbdadm down` on one node: demote, then per connection disconnect and delete it (paths first),
+    /// then per volume detach and delete the minor, then the resource (the order DRBD reports).
     fn down_member(&mut self, node: &str, res: &str, step: &mut Step<'_>) -> Result<(), SimError> {
         let m = self.member(node, res)?.clone();
         if m.role == Role::Primary {
@@ -1101,13 +1272,6 @@ impl Cluster {
         }
         for peer in m.peers.keys() {
             self.disconnect(node, res, peer, step)?;
-        }
-        for v in m.vols.keys() {
-            if m.vols[v].attached {
-                self.detach(node, res, *v, step)?;
-            }
-        }
-        for peer in m.peers.keys() {
             self.del_path(node, res, peer, step)?;
             self.del_peer(node, res, peer, step)?;
         }
@@ -1136,11 +1300,14 @@ impl Cluster {
             {
                 let r = self.resources.get_mut(&rn).expect("exists");
                 let m = r.members.get_mut(node).expect("member");
+                m.crashed_primary = m.role == Role::Primary;
                 m.role = Role::Secondary;
                 m.fail_io = false;
                 m.auto_promoted = false;
+                m.promoted_once = false;
                 for v in m.vols.values_mut() {
                     v.open = false;
+                    v.transit = None;
                 }
             }
             let peers: Vec<String> = self.resources[&rn].members[node]
@@ -1148,79 +1315,231 @@ impl Cluster {
                 .keys()
                 .cloned()
                 .collect();
-            self.lose_connections(&rn, node, &peers, true, step);
+            let sides: Vec<(String, String)> = peers
+                .iter()
+                .map(|p| (p.clone(), node.to_string()))
+                .collect();
+            self.break_links(&rn, sides, step);
             let r = self.resources.get_mut(&rn).expect("exists");
             for p in r.members.get_mut(node).expect("member").peers.values_mut() {
+                p.lost_at = None;
                 p.cstate = if p.want {
+                    ConnState::Connecting
+                } else {
+                    ConnState::StandAlone
+                };
+                for path in &mut p.paths {
+                    path.established = false;
+                }
+                for pv in p.vols.values_mut() {
+                    pv.repl = ReplState::Off;
+                    pv.known_disk = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The links behind these connection sides (`(a, b)`: `a`'s connection to `b`) just broke. DRBD
+    /// notices at once with `ping-int 0`, else `ping-int` seconds later ([`Cluster::detect_losses`]).
+    fn break_links(&mut self, res: &str, sides: Vec<(String, String)>, step: &mut Step<'_>) {
+        let now = self.now_ms;
+        let Some(r) = self.resources.get_mut(res) else {
+            return;
+        };
+        let sides: Vec<(String, String)> = sides
+            .into_iter()
+            .filter(|(a, b)| r.connected(a, b))
+            .collect();
+        if r.opts.ping_int == 0 {
+            self.lose_sides(res, sides, step);
+            return;
+        }
+        for (a, b) in &sides {
+            if let Some(p) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
+                p.lost_at.get_or_insert(now);
+            }
+        }
+    }
+
+    /// These connection sides lose their connection (crash, cut link): they go NetworkFailure →
+    /// Unconnected → Connecting, one state change each, with DRBD's helpers (`quorum-lost` on a
+    /// Primary that loses quorum, `disconnected`) and the outdating of a Secondary the Primary lost but
+    /// still reaches through a third node.
+    fn lose_sides(&mut self, res: &str, sides: Vec<(String, String)>, step: &mut Step<'_>) {
+        let now = self.now_ms;
+        let Some(r) = self.resources.get_mut(res) else {
+            return;
+        };
+        let sides: Vec<(String, String)> = sides
+            .into_iter()
+            .filter(|(a, b)| {
+                r.members
+                    .get(a)
+                    .and_then(|m| m.peers.get(b))
+                    .is_some_and(|p| p.cstate == ConnState::Connected)
+            })
+            .collect();
+        if sides.is_empty() {
+            return;
+        }
+        for (a, b) in &sides {
+            abort_resyncs(r, a, b, now);
+        }
+        let quorate = self.quorate_primaries(res);
+        // NetworkFailure: replication stops, the peer's disk is unknown.
+        self.set_sides(res, &sides, ConnState::NetworkFailure, true);
+        step(self, res);
+        self.quorum_lost_helpers(res, &quorate, step);
+        let r = self.resources.get_mut(res).expect("exists");
+        for (a, b) in &sides {
+            if let Some(p) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
+                for path in &mut p.paths {
+                    path.established = false;
+                }
+            }
+        }
+        step(self, res);
+        let calls = sides
+            .iter()
+            .map(|(a, b)| HelperCall {
+                node: a.clone(),
+                res: res.to_string(),
+                peer: Some(b.clone()),
+                vol: None,
+                helper: "disconnected",
+            })
+            .collect();
+        self.run_helpers(res, calls, step);
+        if self.outdate_through_relay(res, &sides) {
+            step(self, res);
+        }
+        self.set_sides(res, &sides, ConnState::Unconnected, false);
+        step(self, res);
+        let r = self.resources.get_mut(res).expect("exists");
+        for (a, b) in &sides {
+            if let Some(c) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
+                c.cstate = if c.want {
                     ConnState::Connecting
                 } else {
                     ConnState::StandAlone
                 };
             }
         }
-        Ok(())
+        step(self, res);
     }
 
-    /// Connections between `node` and `peers` break (crash or cut link): the surviving sides go
-    /// NetworkFailure → Unconnected → Connecting, one state change each. With `only_peers`, the
-    /// side on `node` is not updated (it crashed).
-    fn lose_connections(
-        &mut self,
-        res: &str,
-        node: &str,
-        peers: &[String],
-        only_peers: bool,
-        step: &mut Step<'_>,
-    ) {
-        let now = self.now_ms;
-        let r = self.resources.get_mut(res).expect("exists");
-        let mut sides: Vec<(String, String)> = Vec::new();
-        for p in peers {
-            let was = r.connected(node, p)
-                || r.members
-                    .get(p)
-                    .and_then(|m| m.peers.get(node))
-                    .is_some_and(|c| c.cstate == ConnState::Connected);
-            if !was {
+    /// Sets the state of these connection sides; with `reset` their peer devices stop replicating and
+    /// forget the peer's disk.
+    fn set_sides(&mut self, res: &str, sides: &[(String, String)], st: ConnState, reset: bool) {
+        let Some(r) = self.resources.get_mut(res) else {
+            return;
+        };
+        for (a, b) in sides {
+            if let Some(c) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
+                c.cstate = st.clone();
+                if reset {
+                    for pv in c.vols.values_mut() {
+                        pv.repl = ReplState::Off;
+                        pv.known_disk = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Primaries of `res` (up) that have quorum now.
+    fn quorate_primaries(&self, res: &str) -> Vec<String> {
+        let Some(r) = self.resources.get(res) else {
+            return Vec::new();
+        };
+        r.members
+            .iter()
+            .filter(|(n, m)| self.node_up(n) && m.role == Role::Primary && r.has_quorum(n))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// `quorum-lost` on each of `before` (Primaries that had quorum) that lost it, per volume.
+    fn quorum_lost_helpers(&mut self, res: &str, before: &[String], step: &mut Step<'_>) {
+        let Some(r) = self.resources.get(res) else {
+            return;
+        };
+        let mut calls = Vec::new();
+        for n in before {
+            if r.has_quorum(n) {
                 continue;
             }
-            abort_resyncs(r, node, p, now);
-            sides.push((p.clone(), node.to_string()));
-            if !only_peers {
-                sides.push((node.to_string(), p.clone()));
+            let Some(m) = r.members.get(n) else { continue };
+            for v in m.vols.keys() {
+                calls.push(HelperCall {
+                    node: n.clone(),
+                    res: res.to_string(),
+                    peer: None,
+                    vol: Some(*v),
+                    helper: "quorum-lost",
+                });
             }
         }
-        if sides.is_empty() {
-            return;
+        self.run_helpers(res, calls, step);
+    }
+
+    /// A Primary that lost its connection to a Secondary it still reaches through other nodes outdates
+    /// it (DRBD relays the state change): the Secondary's UpToDate disks become Outdated, and the
+    /// nodes that reach it only indirectly learn that. Returns whether anything changed.
+    fn outdate_through_relay(&mut self, res: &str, sides: &[(String, String)]) -> bool {
+        let Some(r) = self.resources.get(res) else {
+            return false;
+        };
+        let mut victims: BTreeSet<String> = BTreeSet::new();
+        for (a, b) in sides {
+            for (p, s) in [(a, b), (b, a)] {
+                let (Some(pm), Some(sm)) = (r.members.get(p), r.members.get(s)) else {
+                    continue;
+                };
+                if self.node_up(p)
+                    && self.node_up(s)
+                    && pm.role == Role::Primary
+                    && sm.role != Role::Primary
+                    && r.component(p).contains(s)
+                {
+                    victims.insert(s.clone());
+                }
+            }
         }
-        for (i, st) in [
-            ConnState::NetworkFailure,
-            ConnState::Unconnected,
-            ConnState::Connecting,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let mut changed = false;
+        for s in victims {
             let r = self.resources.get_mut(res).expect("exists");
-            for (a, b) in &sides {
-                if let Some(c) = r.members.get_mut(a).and_then(|m| m.peers.get_mut(b)) {
-                    if !c.want && st == ConnState::Connecting {
-                        c.cstate = ConnState::StandAlone;
-                    } else {
-                        c.cstate = st.clone();
+            let mut outdated = Vec::new();
+            if let Some(sm) = r.members.get_mut(&s) {
+                for (v, vol) in sm.vols.iter_mut() {
+                    if vol.attached && vol.holds_data() && vol.disk == DiskState::UpToDate {
+                        vol.disk = DiskState::Outdated;
+                        outdated.push(*v);
                     }
-                    if i == 0 {
-                        for path in &mut c.paths {
-                            path.established = false;
-                        }
-                        for pv in c.vols.values_mut() {
-                            pv.repl = ReplState::Off;
+                }
+            }
+            if outdated.is_empty() {
+                continue;
+            }
+            changed = true;
+            let reach = r.component(&s);
+            for (z, zm) in r.members.iter_mut() {
+                if *z == s || !reach.contains(z) {
+                    continue;
+                }
+                if let Some(p) = zm.peers.get_mut(&s) {
+                    if p.cstate != ConnState::Connected {
+                        for v in &outdated {
+                            if let Some(pv) = p.vols.get_mut(v) {
+                                pv.known_disk = Some(DiskState::Outdated);
+                            }
                         }
                     }
                 }
             }
-            step(self, res);
         }
+        changed
     }
 
     fn node_up_op(&mut self, node: &str, step: &mut Step<'_>) -> Result<(), SimError> {
@@ -1230,6 +1549,8 @@ impl Cluster {
         if self.node_up(node) {
             return invalid(format!("node {node} is up already"));
         }
+        // The peers notice the crash now at the latest (the node's new connection attempts).
+        self.detect_losses(Some(node), step);
         self.nodes.get_mut(node).expect("exists").up = true;
         let names: Vec<String> = self
             .resources
@@ -1238,17 +1559,70 @@ impl Cluster {
             .map(|(n, _)| n.clone())
             .collect();
         for rn in names {
-            step(self, &rn);
-            let peers: Vec<String> = self.resources[&rn].members[node]
-                .peers
-                .keys()
-                .cloned()
-                .collect();
-            for p in peers {
-                self.try_connect(&rn, node, &p, step);
-            }
+            self.up_member(&rn, node, step);
         }
         Ok(())
+    }
+
+    /// `drbdadm up` of a configured member after a boot: the kernel objects come back one state change
+    /// at a time (resource, minors, peers, paths, attach, connect) from what the configuration and
+    /// the metadata on disk say. Data that was UpToDate on a Secondary comes back Consistent (only a
+    /// peer can tell whether it is still current); a crashed Primary's stays UpToDate.
+    fn up_member(&mut self, res: &str, node: &str, step: &mut Step<'_>) {
+        let Some(old) = self
+            .resources
+            .get_mut(res)
+            .and_then(|r| r.members.remove(node))
+        else {
+            return;
+        };
+        self.add_member(res, node, old.node_id, old.address.clone());
+        step(self, res);
+        for (v, vol) in &old.vols {
+            self.new_minor_inner(res, node, vol.minor, *v, vol.backing.clone(), vol.client);
+            step(self, res);
+        }
+        for (p, peer) in &old.peers {
+            self.new_peer_inner(res, node, p, peer.node_id);
+            step(self, res);
+        }
+        for (p, peer) in &old.peers {
+            for path in &peer.paths {
+                self.new_path_inner(res, node, p, path.local.clone(), path.remote.clone());
+                step(self, res);
+            }
+        }
+        for (v, vol) in &old.vols {
+            if !vol.attached || !vol.holds_data() {
+                continue;
+            }
+            let disk = if vol.disk == DiskState::UpToDate && !old.crashed_primary {
+                DiskState::Consistent
+            } else {
+                vol.disk.clone()
+            };
+            if let Some(nv) = self
+                .resources
+                .get_mut(res)
+                .and_then(|r| r.members.get_mut(node))
+                .and_then(|m| m.vols.get_mut(v))
+            {
+                nv.disk = disk;
+                nv.read = vol.read;
+                nv.written = vol.written;
+                nv.al_writes = vol.al_writes;
+                nv.bm_writes = vol.bm_writes;
+            }
+            self.attach_inner(res, node, *v, None, None, step);
+        }
+        for (p, peer) in &old.peers {
+            if peer.want {
+                self.start_connecting(res, node, p, step);
+            }
+        }
+        for p in old.peers.keys() {
+            self.try_connect(res, node, p, step);
+        }
     }
 
     fn cut_link(&mut self, a: &str, b: &str, step: &mut Step<'_>) -> Result<(), SimError> {
@@ -1267,7 +1641,11 @@ impl Cluster {
         for rn in names {
             let r = &self.resources[&rn];
             if r.members.contains_key(a) && r.members.contains_key(b) {
-                self.lose_connections(&rn, a, &[b.to_string()], false, step);
+                let sides = vec![
+                    (a.to_string(), b.to_string()),
+                    (b.to_string(), a.to_string()),
+                ];
+                self.break_links(&rn, sides, step);
             }
         }
         Ok(())
@@ -1277,11 +1655,30 @@ impl Cluster {
         if !self.cut.remove(&pair(a, b)) {
             return invalid(format!("link {a} - {b} is not cut"));
         }
+        // A loss not noticed yet is noticed now (the connection is re-established from scratch).
+        self.detect_pair(a, b, step);
         let names: Vec<String> = self.resources.keys().cloned().collect();
         for rn in names {
             self.try_connect(&rn, a, b, step);
         }
         Ok(())
+    }
+
+    /// Pending losses between `a` and `b` become visible now.
+    fn detect_pair(&mut self, a: &str, b: &str, step: &mut Step<'_>) {
+        let names: Vec<String> = self.resources.keys().cloned().collect();
+        for rn in names {
+            let r = self.resources.get_mut(&rn).expect("exists");
+            let mut sides = Vec::new();
+            for (x, y) in [(a, b), (b, a)] {
+                if let Some(p) = r.members.get_mut(x).and_then(|m| m.peers.get_mut(y)) {
+                    if p.lost_at.take().is_some() {
+                        sides.push((x.to_string(), y.to_string()));
+                    }
+                }
+            }
+            self.lose_sides(&rn, sides, step);
+        }
     }
 
     /// Connection attempts of every pair in `res` (after an option or role change).
@@ -1372,13 +1769,20 @@ impl Cluster {
         }
         let r = self.resources.get_mut(res).expect("exists");
         for (x, y) in [(a, b), (b, a)] {
-            r.members
+            let p = r
+                .members
                 .get_mut(x)
                 .and_then(|m| m.peers.get_mut(y))
-                .expect("peer")
-                .cstate = ConnState::Connected;
+                .expect("peer");
+            p.cstate = ConnState::Connected;
+            // The peer devices' traffic counters are per connection.
+            for pv in p.vols.values_mut() {
+                pv.sent = 0;
+                pv.received = 0;
+            }
         }
-        step(self, res);
+        // Connected and the handshake's outcome are one state change (the caller of handshake_pair
+        // steps).
         let r = self.resources.get_mut(res).expect("exists");
         let vols: Vec<u32> = r.members[a]
             .vols
@@ -1386,13 +1790,22 @@ impl Cluster {
             .filter(|v| r.members[b].vols.contains_key(v))
             .copied()
             .collect();
-        let now = self.now_ms;
-        let mut changed = false;
-        let mut split = false;
-        for v in vols {
-            changed |= handshake(r, a, b, v, now, &mut split);
-        }
-        if split {
+        self.handshake_pair(res, a, b, &vols, step);
+    }
+
+    /// The handshake of the connected pair `a`–`b` on `vols`: replication starts (an Outdated or
+    /// Consistent replica with the same data as an UpToDate one becomes UpToDate), resyncs start, or
+    /// the connection drops for a split brain. The first state change also carries whatever the
+    /// caller changed before (a new `Connected`).
+    fn handshake_pair(&mut self, res: &str, a: &str, b: &str, vols: &[u32], step: &mut Step<'_>) {
+        let Some(r) = self.resources.get(res) else {
+            return;
+        };
+        let decisions: Vec<(u32, Handshake)> =
+            vols.iter().map(|v| (*v, decide(r, a, b, *v))).collect();
+        if decisions.iter().any(|(_, d)| *d == Handshake::SplitBrain) {
+            step(self, res);
+            let r = self.resources.get_mut(res).expect("exists");
             for (x, y) in [(a, b), (b, a)] {
                 let p = r
                     .members
@@ -1408,13 +1821,148 @@ impl Cluster {
                 for pv in p.vols.values_mut() {
                     pv.repl = ReplState::Off;
                     pv.resync = None;
+                    pv.known_disk = None;
                 }
             }
-            changed = true;
+            step(self, res);
+            return;
         }
-        if changed {
+        let r = self.resources.get_mut(res).expect("exists");
+        let mut resyncs = Vec::new();
+        for (vol, d) in decisions {
+            match d {
+                Handshake::Same => {
+                    for (x, y) in [(a, b), (b, a)] {
+                        if let Some(pv) = r
+                            .members
+                            .get_mut(x)
+                            .and_then(|m| m.peers.get_mut(y))
+                            .and_then(|p| p.vols.get_mut(&vol))
+                        {
+                            pv.repl = ReplState::Established;
+                            pv.known_disk = None;
+                        }
+                    }
+                    let disk = |r: &Res, x: &str| {
+                        r.members
+                            .get(x)
+                            .and_then(|m| m.vols.get(&vol))
+                            .filter(|v| v.attached)
+                            .map(|v| v.disk.clone())
+                    };
+                    let (da, db) = (disk(r, a), disk(r, b));
+                    let up = Some(DiskState::UpToDate);
+                    let cons = Some(DiskState::Consistent);
+                    // Same data: an Outdated or Consistent replica learns it is current again; two
+                    // Consistent ones (both crashed) agree they are.
+                    let both_consistent = da == cons && db == cons;
+                    for (x, other) in [(a, &db), (b, &da)] {
+                        if *other == up || both_consistent {
+                            if let Some(v) = r.members.get_mut(x).and_then(|m| m.vols.get_mut(&vol))
+                            {
+                                if v.attached
+                                    && matches!(v.disk, DiskState::Outdated | DiskState::Consistent)
+                                {
+                                    v.disk = DiskState::UpToDate;
+                                }
+                            }
+                        }
+                    }
+                }
+                Handshake::Resync { src, dst, total } => resyncs.push((src, dst, vol, total)),
+                Handshake::SplitBrain => {}
+            }
+        }
+        self.start_resyncs(res, resyncs, step);
+    }
+
+    /// Resyncs start: both sides wait for the bitmap (`WFBitMapS`/`WFBitMapT`), a Consistent target
+    /// learns it is Outdated, the `before-resync-source`/`before-resync-target` helpers run, then
+    /// `SyncSource`/`SyncTarget` with the target Inconsistent. The first state change is always
+    /// reported (it carries the caller's changes).
+    fn start_resyncs(
+        &mut self,
+        res: &str,
+        list: Vec<(String, String, u32, u64)>,
+        step: &mut Step<'_>,
+    ) {
+        if list.is_empty() {
+            step(self, res);
+            return;
+        }
+        let now = self.now_ms;
+        let Some(r) = self.resources.get_mut(res) else {
+            return;
+        };
+        let rate = r.opts.sync_rate_kib;
+        let set_repl = |r: &mut Res, x: &str, y: &str, vol: u32, st: ReplState| {
+            if let Some(pv) = r
+                .members
+                .get_mut(x)
+                .and_then(|m| m.peers.get_mut(y))
+                .and_then(|p| p.vols.get_mut(&vol))
+            {
+                pv.repl = st;
+                pv.known_disk = None;
+            }
+        };
+        for (src, dst, vol, _) in &list {
+            set_repl(r, src, dst, *vol, ReplState::WFBitMapS);
+            set_repl(r, dst, src, *vol, ReplState::WFBitMapT);
+        }
+        step(self, res);
+        let r = self.resources.get_mut(res).expect("exists");
+        let mut outdated = false;
+        for (_, dst, vol, _) in &list {
+            if let Some(v) = r.members.get_mut(dst).and_then(|m| m.vols.get_mut(vol)) {
+                if v.disk == DiskState::Consistent {
+                    v.disk = DiskState::Outdated;
+                    outdated = true;
+                }
+            }
+        }
+        if outdated {
             step(self, res);
         }
+        let mut calls = Vec::new();
+        for (src, dst, vol, _) in &list {
+            calls.push(HelperCall {
+                node: src.clone(),
+                res: res.to_string(),
+                peer: Some(dst.clone()),
+                vol: Some(*vol),
+                helper: "before-resync-source",
+            });
+            calls.push(HelperCall {
+                node: dst.clone(),
+                res: res.to_string(),
+                peer: Some(src.clone()),
+                vol: Some(*vol),
+                helper: "before-resync-target",
+            });
+        }
+        self.run_helpers(res, calls, step);
+        let r = self.resources.get_mut(res).expect("exists");
+        for (src, dst, vol, total) in &list {
+            set_repl(r, src, dst, *vol, ReplState::SyncSource);
+            set_repl(r, dst, src, *vol, ReplState::SyncTarget);
+            if let Some(pv) = r
+                .members
+                .get_mut(src)
+                .and_then(|m| m.peers.get_mut(dst))
+                .and_then(|p| p.vols.get_mut(vol))
+            {
+                pv.resync = Some(Resync {
+                    total_kib: *total,
+                    start_ms: now,
+                    rate_kib: rate,
+                });
+            }
+            if let Some(v) = r.members.get_mut(dst).and_then(|m| m.vols.get_mut(vol)) {
+                v.disk = DiskState::Inconsistent;
+            }
+        }
+        step(self, res);
     }
 
     fn detach(
@@ -1440,7 +1988,18 @@ impl Cluster {
         }
         let m = r.members.get_mut(node).expect("member");
         let v = m.vols.get_mut(&vol).expect("vol");
-        v.attached = false;
+        // Detaching, then Diskless: two state changes (`backing_dev:none` in both).
+        v.transit = Some(DiskState::Detaching);
+        step(self, res);
+        if let Some(v) = self
+            .resources
+            .get_mut(res)
+            .and_then(|r| r.members.get_mut(node))
+            .and_then(|m| m.vols.get_mut(&vol))
+        {
+            v.transit = None;
+            v.attached = false;
+        }
         step(self, res);
         Ok(())
     }
@@ -1490,6 +2049,16 @@ impl Cluster {
         initial: Option<InitialDisk>,
         step: &mut Step<'_>,
     ) {
+        // Attaching: one state change before the disk is there (`backing_dev:none disk:Attaching`).
+        if let Some(v) = self
+            .resources
+            .get_mut(res)
+            .and_then(|r| r.members.get_mut(node))
+            .and_then(|m| m.vols.get_mut(&vol))
+        {
+            v.transit = Some(DiskState::Attaching);
+        }
+        step(self, res);
         let r = self.resources.get_mut(res).expect("exists");
         let size = r.size_kib;
         let others: Vec<String> = r.members.keys().filter(|n| *n != node).cloned().collect();
@@ -1499,6 +2068,7 @@ impl Cluster {
                 .get_mut(node)
                 .and_then(|m| m.vols.get_mut(&vol))
                 .expect("vol");
+            v.transit = None;
             if let Some(b) = backing {
                 v.backing = Some(b.to_string());
             }
@@ -1519,20 +2089,14 @@ impl Cluster {
         step(self, res);
         // Connected peers: compare data, start resyncs.
         let r = self.resources.get_mut(res).expect("exists");
-        let now = self.now_ms;
         let peers: Vec<String> = r.members[node]
             .peers
             .keys()
             .filter(|p| r.connected(node, p) && r.members[*p].vols.contains_key(&vol))
             .cloned()
             .collect();
-        let mut changed = false;
-        let mut split = false;
         for p in peers {
-            changed |= handshake(r, node, &p, vol, now, &mut split);
-        }
-        if changed {
-            step(self, res);
+            self.handshake_pair(res, node, &p, &[vol], step);
         }
     }
 
@@ -1564,6 +2128,13 @@ impl Cluster {
         if kib == 0 {
             return Ok(());
         }
+        // A peer that is gone but not noticed yet (ping-int) does not get the data.
+        let reachable: BTreeSet<String> = r
+            .members
+            .keys()
+            .filter(|p| self.link_ok(node, p))
+            .cloned()
+            .collect();
         let r = self.resources.get_mut(res).expect("exists");
         let size = r.size_kib;
         // Who gets the data: the writer (if it has a disk) and every connected peer with a disk.
@@ -1582,7 +2153,8 @@ impl Cluster {
                 .vols
                 .get(&vol)
                 .is_some_and(|pv| pv.repl != ReplState::Off)
-                && r.connected(node, p);
+                && r.connected(node, p)
+                && reachable.contains(p);
             if replicating && holds(&r.members[p]) {
                 got.insert(p.clone());
             }
@@ -1732,9 +2304,11 @@ impl Cluster {
         if m.role == Role::Primary {
             return Ok(());
         }
+        let mut forced = false;
         match self.promote_refusal(node, res)? {
             None => {}
             Some(-2) if force => {
+                forced = true;
                 // `primary --force`: this node's data becomes the truth.
                 let r = self.resources.get_mut(res).expect("exists");
                 let size = r.size_kib;
@@ -1754,6 +2328,7 @@ impl Cluster {
                         for o in &others {
                             if r.members[o].vols.get(&v).is_some_and(|x| x.holds_data()) {
                                 r.set_ahead(node, o, v, size);
+                                r.set_ahead(o, node, v, 0);
                             }
                         }
                     }
@@ -1767,7 +2342,22 @@ impl Cluster {
         let m = self.member_mut(node, res)?;
         m.role = Role::Primary;
         m.auto_promoted = auto;
+        m.promoted_once = true;
         step(self, res);
+        if forced {
+            // The connected peers learn that this data is the truth: full syncs start.
+            let r = &self.resources[res];
+            let vols: Vec<u32> = r.members[node].vols.keys().copied().collect();
+            let peers: Vec<String> = r.members[node]
+                .peers
+                .keys()
+                .filter(|p| r.connected(node, p))
+                .cloned()
+                .collect();
+            for p in peers {
+                self.handshake_pair(res, node, &p, &vols, step);
+            }
+        }
         Ok(())
     }
 
@@ -1807,6 +2397,8 @@ impl Cluster {
                 role: Role::Secondary,
                 fail_io: false,
                 auto_promoted: false,
+                promoted_once: false,
+                crashed_primary: false,
                 address,
                 vols: BTreeMap::new(),
                 peers: BTreeMap::new(),
@@ -1887,6 +2479,7 @@ impl Cluster {
                 written: 0,
                 al_writes: 0,
                 bm_writes: 0,
+                transit: None,
             },
         );
         for p in m.peers.values_mut() {
@@ -1941,6 +2534,7 @@ impl Cluster {
                 split_brain: false,
                 paths: Vec::new(),
                 vols,
+                lost_at: None,
             },
         );
     }
@@ -2046,34 +2640,14 @@ impl Cluster {
         if p.want {
             return Ok(());
         }
-        let r = self.resources.get_mut(res).expect("exists");
-        let p = r
-            .members
-            .get_mut(node)
-            .and_then(|m| m.peers.get_mut(peer))
-            .expect("peer");
-        p.want = true;
-        p.split_brain = false;
-        let reachable = self.link_ok(node, peer)
-            && self.resources[res]
-                .members
-                .get(peer)
-                .and_then(|m| m.peers.get(node))
-                .is_some_and(|c| c.want && !c.split_brain);
-        if !reachable {
-            self.resources
-                .get_mut(res)
-                .and_then(|r| r.members.get_mut(node))
-                .and_then(|m| m.peers.get_mut(peer))
-                .expect("peer")
-                .cstate = ConnState::Connecting;
-            step(self, res);
-            return Ok(());
-        }
+        self.start_connecting(res, node, peer, step);
         self.try_connect(res, node, peer, step);
         Ok(())
     }
 
+    /// `drbdsetup disconnect`: this side goes Disconnecting → StandAlone, a connected peer TearDown →
+    /// Unconnected → Connecting, with the `disconnected` helper on both. A Secondary that leaves a
+    /// Primary (or is left by one) this way is outdated.
     fn disconnect(
         &mut self,
         node: &str,
@@ -2092,32 +2666,104 @@ impl Cluster {
         let now = self.now_ms;
         let r = self.resources.get_mut(res).expect("exists");
         abort_resyncs(r, node, peer, now);
-        let set = |c: &mut Cluster, who: &str, other: &str, st: ConnState, reset: bool| {
-            if let Some(p) = c
+        let quorate = self.quorate_primaries(res);
+        let me = [(node.to_string(), peer.to_string())];
+        let other = [(peer.to_string(), node.to_string())];
+        for (x, _) in me.iter().chain(&other) {
+            if let Some(p) = self
                 .resources
                 .get_mut(res)
-                .and_then(|r| r.members.get_mut(who))
-                .and_then(|m| m.peers.get_mut(other))
+                .and_then(|r| r.members.get_mut(x))
+                .and_then(|m| m.peers.get_mut(if x == node { peer } else { node }))
             {
-                p.cstate = st;
-                if reset {
-                    for path in &mut p.paths {
-                        path.established = false;
-                    }
-                    for pv in p.vols.values_mut() {
-                        pv.repl = ReplState::Off;
+                p.lost_at = None;
+            }
+        }
+        // A connection that was not established keeps what it knew of the peer's disk.
+        self.set_sides(res, &me, ConnState::Disconnecting, was_connected);
+        if was_connected {
+            self.set_sides(res, &other, ConnState::TearDown, true);
+            let r = self.resources.get_mut(res).expect("exists");
+            let role = |n: &str| r.members.get(n).map(|m| m.role.clone());
+            let (rn, rp) = (role(node), role(peer));
+            let secondary = match (rn, rp) {
+                (Some(Role::Primary), Some(Role::Secondary)) => Some(peer),
+                (Some(Role::Secondary), Some(Role::Primary)) => Some(node),
+                _ => None,
+            };
+            let mut outdated = Vec::new();
+            if let Some(sm) = secondary.and_then(|s| r.members.get_mut(s)) {
+                for (vn, v) in sm.vols.iter_mut() {
+                    if v.attached && v.holds_data() && v.disk == DiskState::UpToDate {
+                        v.disk = DiskState::Outdated;
+                        outdated.push(*vn);
                     }
                 }
             }
-        };
-        set(self, node, peer, ConnState::Disconnecting, false);
-        if was_connected {
-            set(self, peer, node, ConnState::TearDown, false);
+            // Nodes that still reach the outdated Secondary through a third node learn it (DRBD
+            // relays the state change); the others see DUnknown.
+            if let Some(s) = secondary {
+                let reach = r.component(s);
+                for (z, zm) in r.members.iter_mut() {
+                    if z == s || !reach.contains(z) {
+                        continue;
+                    }
+                    if let Some(p) = zm.peers.get_mut(s) {
+                        if p.cstate != ConnState::Connected {
+                            for v in &outdated {
+                                if let Some(pv) = p.vols.get_mut(v) {
+                                    pv.known_disk = Some(DiskState::Outdated);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
         step(self, res);
-        set(self, node, peer, ConnState::StandAlone, true);
+        self.quorum_lost_helpers(res, &quorate, step);
         if was_connected {
-            set(self, peer, node, ConnState::Unconnected, true);
+            let r = self.resources.get_mut(res).expect("exists");
+            for (x, y) in [(node, peer), (peer, node)] {
+                if let Some(p) = r.members.get_mut(x).and_then(|m| m.peers.get_mut(y)) {
+                    for path in &mut p.paths {
+                        path.established = false;
+                    }
+                }
+            }
+            step(self, res);
+        }
+        let mut calls = vec![HelperCall {
+            node: node.to_string(),
+            res: res.to_string(),
+            peer: Some(peer.to_string()),
+            vol: None,
+            helper: "disconnected",
+        }];
+        if was_connected {
+            calls.push(HelperCall {
+                node: peer.to_string(),
+                res: res.to_string(),
+                peer: Some(node.to_string()),
+                vol: None,
+                helper: "disconnected",
+            });
+        }
+        self.run_helpers(res, calls, step);
+        self.set_sides(res, &me, ConnState::StandAlone, false);
+        if let Some(p) = self
+            .resources
+            .get_mut(res)
+            .and_then(|r| r.members.get_mut(node))
+            .and_then(|m| m.peers.get_mut(peer))
+        {
+            p.want = false;
+            for path in &mut p.paths {
+                path.established = false;
+            }
+        }
+        if was_connected {
+            self.set_sides(res, &other, ConnState::Unconnected, false);
         }
         step(self, res);
         if was_connected {
@@ -2126,26 +2772,13 @@ impl Cluster {
                 .get(peer)
                 .and_then(|m| m.peers.get(node))
                 .is_some_and(|p| p.want);
-            set(
-                self,
-                peer,
-                node,
-                if want {
-                    ConnState::Connecting
-                } else {
-                    ConnState::StandAlone
-                },
-                false,
-            );
+            let st = if want {
+                ConnState::Connecting
+            } else {
+                ConnState::StandAlone
+            };
+            self.set_sides(res, &other, st, false);
             step(self, res);
-        }
-        if let Some(p) = self
-            .resources
-            .get_mut(res)
-            .and_then(|r| r.members.get_mut(node))
-            .and_then(|m| m.peers.get_mut(peer))
-        {
-            p.want = false;
         }
         Ok(())
     }
@@ -2192,16 +2825,11 @@ impl Cluster {
         let Some(p) = m.peers.get(peer) else {
             return invalid(format!("{res}: no connection to {peer} on {node}"));
         };
-        if p.cstate == ConnState::Connected {
+        if p.cstate != ConnState::StandAlone {
             self.disconnect(node, res, peer, step)?;
         }
-        // Peer devices go first, then the connection (two state changes, as the kernel reports them).
-        let m = self.member_mut(node, res)?;
-        let p = m.peers.get_mut(peer).expect("peer");
-        if !p.vols.is_empty() {
-            p.vols.clear();
-            step(self, res);
-        }
+        // The connection goes with its peer devices: DRBD reports only `destroy connection` (and
+        // `destroy path` before it, see del_path).
         self.member_mut(node, res)?.peers.remove(peer);
         step(self, res);
         Ok(())
@@ -2266,6 +2894,7 @@ fn new_peer_vol() -> PeerVol {
         sent: 0,
         received: 0,
         resync: None,
+        known_disk: None,
     }
 }
 
@@ -2286,81 +2915,62 @@ fn normalize_addr(a: &str) -> Result<String, SimError> {
     Ok(format!("ipv4:{bare}"))
 }
 
-/// Compares the data of `a` and `b` on `vol` after they connected; returns whether anything changed.
-fn handshake(r: &mut Res, a: &str, b: &str, vol: u32, now: u64, split: &mut bool) -> bool {
-    let da = r.members[a].vols[&vol].clone();
-    let db = r.members[b].vols[&vol].clone();
-    let set_repl = |r: &mut Res, x: &str, y: &str, st: ReplState| {
-        r.members
-            .get_mut(x)
-            .and_then(|m| m.peers.get_mut(y))
-            .and_then(|p| p.vols.get_mut(&vol))
-            .expect("peer vol")
-            .repl = st;
+/// What the handshake of `a` and `b` on `vol` decides (DRBD compares UUIDs; the simulator its bitmaps).
+#[derive(Debug, Clone, PartialEq)]
+enum Handshake {
+    /// Same data (or a side without a disk): replication starts, no resync.
+    Same,
+    /// Both sides have data the other lacks.
+    SplitBrain,
+    Resync {
+        src: String,
+        dst: String,
+        total: u64,
+    },
+}
+
+fn decide(r: &Res, a: &str, b: &str, vol: u32) -> Handshake {
+    let (Some(da), Some(db)) = (
+        r.members.get(a).and_then(|m| m.vols.get(&vol)),
+        r.members.get(b).and_then(|m| m.vols.get(&vol)),
+    ) else {
+        return Handshake::Same;
     };
     let both_data = da.attached && db.attached && da.holds_data() && db.holds_data();
     if !both_data {
-        set_repl(r, a, b, ReplState::Established);
-        set_repl(r, b, a, ReplState::Established);
-        return true;
+        return Handshake::Same;
     }
     let (mut ha, mut hb) = (r.ahead(a, b, vol), r.ahead(b, a, vol));
     // Inconsistent data without a bitmap (fresh metadata) meets real data: full sync.
     if ha == 0 && hb == 0 {
         let inc = |d: &Vol| d.disk == DiskState::Inconsistent;
-        if inc(&da) && !inc(&db) {
+        if inc(da) && !inc(db) {
             hb = r.size_kib;
-        } else if inc(&db) && !inc(&da) {
+        } else if inc(db) && !inc(da) {
             ha = r.size_kib;
         }
     }
     if ha > 0 && hb > 0 {
-        *split = true;
-        return true;
+        return Handshake::SplitBrain;
     }
     if ha == 0 && hb == 0 {
-        set_repl(r, a, b, ReplState::Established);
-        set_repl(r, b, a, ReplState::Established);
-        // Same data: an Outdated replica learns it is current again.
-        let up = |d: &DiskState| *d == DiskState::UpToDate;
-        let fix = |r: &mut Res, x: &str| {
-            let v = r
-                .members
-                .get_mut(x)
-                .and_then(|m| m.vols.get_mut(&vol))
-                .expect("vol");
-            if v.disk == DiskState::Outdated || v.disk == DiskState::Consistent {
-                v.disk = DiskState::UpToDate;
-            }
-        };
-        if up(&da.disk) {
-            fix(r, b);
-        }
-        if up(&db.disk) {
-            fix(r, a);
-        }
-        return true;
+        return Handshake::Same;
     }
-    let (src, dst, total) = if ha > 0 { (a, b, ha) } else { (b, a, hb) };
-    let rate = r.opts.sync_rate_kib;
-    set_repl(r, src, dst, ReplState::SyncSource);
-    set_repl(r, dst, src, ReplState::SyncTarget);
-    r.members
-        .get_mut(src)
-        .and_then(|m| m.peers.get_mut(dst))
-        .and_then(|p| p.vols.get_mut(&vol))
-        .expect("peer vol")
-        .resync = Some(Resync {
-        total_kib: total,
-        start_ms: now,
-        rate_kib: rate,
-    });
-    r.members
-        .get_mut(dst)
-        .and_then(|m| m.vols.get_mut(&vol))
-        .expect("vol")
-        .disk = DiskState::Inconsistent;
-    true
+    let (src, dst, total, sd) = if ha > 0 {
+        (a, b, ha, da)
+    } else {
+        (b, a, hb, db)
+    };
+    // Inconsistent data is no resync source (fresh metadata on every node waits for
+    // `primary --force`).
+    if sd.disk == DiskState::Inconsistent {
+        return Handshake::Same;
+    }
+    Handshake::Resync {
+        src: src.to_string(),
+        dst: dst.to_string(),
+        total,
+    }
 }
 
 /// A resync ran to completion: the target now holds the source's data.
@@ -2380,6 +2990,7 @@ fn finish_resync(r: &mut Res, src: &str, dst: &str, vol: u32) {
     r.set_ahead(src, dst, vol, 0);
     r.set_ahead(dst, src, vol, 0);
     let src_disk = r.members[src].vols[&vol].disk.clone();
+    let mut total = 0;
     if let Some(pv) = r
         .members
         .get_mut(src)
@@ -2387,7 +2998,13 @@ fn finish_resync(r: &mut Res, src: &str, dst: &str, vol: u32) {
         .and_then(|p| p.vols.get_mut(&vol))
     {
         pv.repl = ReplState::Established;
-        pv.resync = None;
+        total = pv.resync.take().map_or(0, |rs| rs.total_kib);
+        // Resync traffic counts in the statistics: read and sent on the source, received and
+        // written on the target.
+        pv.sent += total;
+    }
+    if let Some(v) = r.members.get_mut(src).and_then(|m| m.vols.get_mut(&vol)) {
+        v.read += total;
     }
     if let Some(pv) = r
         .members
@@ -2396,8 +3013,10 @@ fn finish_resync(r: &mut Res, src: &str, dst: &str, vol: u32) {
         .and_then(|p| p.vols.get_mut(&vol))
     {
         pv.repl = ReplState::Established;
+        pv.received += total;
     }
     if let Some(v) = r.members.get_mut(dst).and_then(|m| m.vols.get_mut(&vol)) {
+        v.written += total;
         v.disk = if src_disk == DiskState::Inconsistent {
             DiskState::Inconsistent
         } else {

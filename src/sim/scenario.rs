@@ -2,8 +2,9 @@
 //! cluster directory. See docs/simulator.md for the format.
 
 use super::cli::{create_op, node_facts};
+use super::events::{Events2Opts, Printer};
 use super::model::{Op, SimError, DEFAULT_SIZE_KIB};
-use super::store::{ClockMode, Store, StoreError};
+use super::store::{ClockMode, Loaded, Store, StoreError};
 use crate::drbd::types::{ConnState, Role};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -19,6 +20,10 @@ pub struct Scenario {
     /// Start from an empty cluster (drop the journal) before running.
     #[serde(default)]
     pub reset: bool,
+    /// Print events2 as this drbd-utils version's drbdsetup does (e.g. `"9.22"`, the version of the
+    /// real captures: no `open:` field).
+    #[serde(default, rename = "drbd-utils")]
+    pub drbd_utils: Option<serde_yaml::Value>,
     /// Each step is a one-key map (`- node-down: n1`).
     #[serde(deserialize_with = "steps")]
     pub steps: Vec<Step>,
@@ -75,6 +80,15 @@ pub struct CreateArgs {
     pub options: BTreeMap<String, serde_yaml::Value>,
     #[serde(default = "yes")]
     pub connect: bool,
+    /// Minor of volume 0 (volume v gets minor + v).
+    #[serde(default)]
+    pub minor: Option<u32>,
+    /// Backing device on every node with a disk.
+    #[serde(default)]
+    pub backing_dev: Option<String>,
+    /// `node: ip:port` for this resource.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, String>,
 }
 
 fn one() -> u32 {
@@ -103,6 +117,30 @@ pub struct NodeRes {
     /// The step must fail with this drbdsetup exit code (e.g. 11, 17).
     #[serde(default)]
     pub expect_exit: Option<i32>,
+}
+
+/// `disconnect`/`connect`: `drbdadm disconnect|connect RES:PEER` on one node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ConnArgs {
+    pub node: String,
+    pub resource: String,
+    pub peer: String,
+}
+
+/// `events2-start`: an `drbdsetup events2` capture on one node, running alongside the scenario (like
+/// a background `drbdsetup events2 ... > file` started at this point).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CaptureArgs {
+    pub name: String,
+    pub node: String,
+    /// events2 arguments, e.g. `--full --poll`.
+    #[serde(default)]
+    pub args: String,
+    /// Write the capture to this file (relative to the current directory) when it stops.
+    #[serde(default)]
+    pub file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +203,10 @@ pub struct WaitFor {
 pub enum Step {
     Create(CreateArgs),
     Delete(String),
+    /// `drbdadm down` on one node.
+    Down(NodeRes),
+    Disconnect(ConnArgs),
+    Connect(ConnArgs),
     NodeDown(String),
     NodeUp(String),
     Cut(Vec<String>),
@@ -185,6 +227,12 @@ pub enum Step {
     WaitFor(WaitFor),
     /// Print a message.
     Say(String),
+    /// Start an events2 capture.
+    Events2Start(CaptureArgs),
+    /// `n` on the capture's stdin (with `--poll`).
+    Events2Poll(String),
+    /// Stop a capture (stdin EOF: drbdsetup exits 0) and write its file.
+    Events2Stop(String),
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -383,9 +431,12 @@ fn op_for(step: &Step) -> Result<Option<(Op, Option<i32>)>, String> {
                 &a.inconsistent,
                 a.volumes,
                 a.size_kib,
-                None,
-                None,
-                &[],
+                a.minor,
+                a.backing_dev.clone(),
+                &a.addresses
+                    .iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>(),
                 opts_map(&a.options),
                 a.connect,
             )
@@ -393,6 +444,29 @@ fn op_for(step: &Step) -> Result<Option<(Op, Option<i32>)>, String> {
             None,
         ),
         Step::Delete(r) => (Op::Delete { res: r.clone() }, None),
+        Step::Disconnect(c) => (
+            Op::Disconnect {
+                node: c.node.clone(),
+                res: c.resource.clone(),
+                peer: c.peer.clone(),
+            },
+            None,
+        ),
+        Step::Connect(c) => (
+            Op::Connect {
+                node: c.node.clone(),
+                res: c.resource.clone(),
+                peer: c.peer.clone(),
+            },
+            None,
+        ),
+        Step::Down(n) => (
+            Op::Down {
+                node: n.node.clone(),
+                res: n.resource.clone(),
+            },
+            n.expect_exit,
+        ),
         Step::NodeDown(n) => (Op::NodeDown { node: n.clone() }, None),
         Step::NodeUp(n) => (Op::NodeUp { node: n.clone() }, None),
         Step::Cut(v) => {
@@ -501,6 +575,153 @@ pub fn run_file(store: &Store, path: &str, out: &mut dyn Write, err: &mut dyn Wr
 }
 
 pub fn run(store: &Store, sc: &Scenario, out: &mut dyn Write) -> Result<(), String> {
+    let (r, captures) = run_captured(store, sc, out);
+    for c in captures.values() {
+        c.write_file()?;
+    }
+    r
+}
+
+/// One `events2-start` capture: a drbdsetup events2 process of the node, fed from the journal after
+/// every scenario step (deterministically: it sees every state change, whatever the clock).
+pub struct Capture {
+    pub node: String,
+    pub opts: Events2Opts,
+    printer: Printer,
+    loaded: Loaded,
+    /// What the process printed so far.
+    pub text: String,
+    file: Option<String>,
+    /// The process ended (stopped, `--now` without `--poll`, or its node went down: exit 20).
+    pub ended: bool,
+    pub exit_code: Option<i32>,
+    /// The node was up since the capture started (a capture started on a node that is down begins
+    /// when it boots, like a capture started right after the boot).
+    was_up: bool,
+}
+
+impl Capture {
+    fn start(store: &Store, a: &CaptureArgs, utils: Option<&str>) -> Result<Capture, String> {
+        let args: Vec<String> = a.args.split_whitespace().map(str::to_string).collect();
+        let mut opts = Events2Opts::parse(&args)?;
+        opts.drbd_utils = utils.map(str::to_string);
+        super::model::check_name("node", &a.node).map_err(|e| e.to_string())?;
+        let l = store.load().map_err(|e| e.to_string())?;
+        let was_up = l.cluster.node_up(&a.node);
+        let now = store.now(&store.clock().map_err(|e| e.to_string())?, &l.cluster);
+        let mut printer = Printer::new(&a.node, opts.clone());
+        let mut text = String::new();
+        printer.dump(&l.cluster, now, &mut text);
+        let ended = opts.now && !opts.poll;
+        Ok(Capture {
+            node: a.node.clone(),
+            opts,
+            printer,
+            loaded: l,
+            text,
+            file: a.file.clone(),
+            ended,
+            exit_code: ended.then_some(0),
+            was_up,
+        })
+    }
+
+    /// Prints what the journal's new entries change (after every state change, as events2 does).
+    fn pump(&mut self, store: &Store) -> Result<(), String> {
+        if self.ended {
+            return Ok(());
+        }
+        let (entries, off) = store
+            .read_from(self.loaded.offset)
+            .map_err(|e| e.to_string())?;
+        let Capture {
+            node,
+            opts,
+            printer,
+            loaded,
+            text,
+            was_up,
+            ..
+        } = self;
+        // `--now --poll` prints only on `n`; it still follows the journal to know the state.
+        let mut sink = String::new();
+        let out = if opts.now { &mut sink } else { text };
+        let mut gone = false;
+        for e in entries {
+            let at = e.at;
+            let _ = loaded.cluster.apply(&e.op, at, &mut |c, res| {
+                if gone {
+                    return;
+                }
+                if c.node_up(node) {
+                    *was_up = true;
+                } else if *was_up && c.nodes.contains_key(node.as_str()) {
+                    gone = true;
+                    return;
+                }
+                printer.on_step(c, res, at.max(c.now_ms), out);
+            });
+            loaded.seq = e.seq;
+            if gone {
+                break;
+            }
+        }
+        loaded.offset = off;
+        if gone {
+            // The node crashed: drbdsetup loses the kernel and exits 20.
+            self.ended = true;
+            self.exit_code = Some(20);
+        }
+        Ok(())
+    }
+
+    /// `n` on stdin: with `--poll`, fetch everything again (a full dump with `--now`).
+    fn poll(&mut self, store: &Store) -> Result<(), String> {
+        if !self.opts.poll {
+            return Err("events2-poll: the capture was not started with --poll".into());
+        }
+        let _ = store.tick_if_due(&self.loaded);
+        self.pump(store)?;
+        if self.ended {
+            return Ok(());
+        }
+        let now = store.now(
+            &store.clock().map_err(|e| e.to_string())?,
+            &self.loaded.cluster,
+        );
+        self.printer
+            .refresh(&self.loaded.cluster, now, &mut self.text);
+        Ok(())
+    }
+
+    fn write_file(&self) -> Result<(), String> {
+        match &self.file {
+            Some(f) => {
+                std::fs::write(f, &self.text).map_err(|e| format!("events2 capture {f}: {e}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Runs a scenario and returns its result with the events2 captures it started (by name), stopped
+/// or not; a failing step leaves the captures as they were at that point.
+pub fn run_captured(
+    store: &Store,
+    sc: &Scenario,
+    out: &mut dyn Write,
+) -> (Result<(), String>, BTreeMap<String, Capture>) {
+    let mut captures = BTreeMap::new();
+    let r = run_steps(store, sc, out, &mut captures);
+    (r, captures)
+}
+
+fn run_steps(
+    store: &Store,
+    sc: &Scenario,
+    out: &mut dyn Write,
+    captures: &mut BTreeMap<String, Capture>,
+) -> Result<(), String> {
     let mode = match sc.clock.as_deref() {
         None | Some("real") => ClockMode::Real,
         Some("manual") => ClockMode::Manual,
@@ -509,6 +730,13 @@ pub fn run(store: &Store, sc: &Scenario, out: &mut dyn Write) -> Result<(), Stri
     store
         .init(mode, sc.reset || mode == ClockMode::Manual)
         .map_err(|e| e.to_string())?;
+    if let Some(v) = &sc.drbd_utils {
+        // `9.22` unquoted is a YAML number.
+        store
+            .set_drbd_utils(Some(&yaml_str(v)))
+            .map_err(|e| format!("drbd-utils: {e}"))?;
+    }
+    let utils = store.clock().map_err(|e| e.to_string())?.drbd_utils;
     for (i, step) in sc.steps.iter().enumerate() {
         let n = i + 1;
         let _ = writeln!(out, "[{n:>3}] {}", describe(step));
@@ -529,10 +757,14 @@ pub fn run(store: &Store, sc: &Scenario, out: &mut dyn Write) -> Result<(), Stri
                     return Err(fail(format!("{e} (exit {})", e.exit_code())));
                 }
             }
+            pump(store, captures).map_err(fail)?;
             continue;
         }
         match step {
-            Step::Wait(d) => std::thread::sleep(parse_duration(d).map_err(fail)?),
+            Step::Wait(d) => {
+                std::thread::sleep(parse_duration(d).map_err(fail)?);
+                tick(store);
+            }
             Step::Advance(d) => {
                 let ms = parse_duration(d).map_err(fail)?.as_millis() as u64;
                 if store.clock().map_err(|e| fail(e.to_string()))?.mode != ClockMode::Manual {
@@ -560,6 +792,7 @@ pub fn run(store: &Store, sc: &Scenario, out: &mut dyn Write) -> Result<(), Stri
                 let start = Instant::now();
                 loop {
                     tick(store);
+                    pump(store, captures).map_err(fail)?;
                     let bad = check(store, &w.expect).map_err(|x| fail(x.to_string()))?;
                     if bad.is_empty() {
                         break;
@@ -573,10 +806,41 @@ pub fn run(store: &Store, sc: &Scenario, out: &mut dyn Write) -> Result<(), Stri
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            Step::Events2Start(a) => {
+                if captures.get(&a.name).is_some_and(|c| !c.ended) {
+                    return Err(fail(format!("capture {} runs already", a.name)));
+                }
+                let c = Capture::start(store, a, utils.as_deref()).map_err(fail)?;
+                captures.insert(a.name.clone(), c);
+            }
+            Step::Events2Poll(name) => {
+                let c = captures
+                    .get_mut(name)
+                    .ok_or_else(|| fail(format!("no capture named {name}")))?;
+                c.poll(store).map_err(fail)?;
+            }
+            Step::Events2Stop(name) => {
+                let c = captures
+                    .get_mut(name)
+                    .ok_or_else(|| fail(format!("no capture named {name}")))?;
+                c.pump(store).map_err(fail)?;
+                if !c.ended {
+                    c.ended = true;
+                    c.exit_code = Some(0);
+                }
+            }
             _ => return Err(fail(SimError::Invalid("unhandled step".into()).to_string())),
         }
+        pump(store, captures).map_err(fail)?;
     }
     let _ = writeln!(out, "scenario passed ({} steps)", sc.steps.len());
+    Ok(())
+}
+
+fn pump(store: &Store, captures: &mut BTreeMap<String, Capture>) -> Result<(), String> {
+    for c in captures.values_mut() {
+        c.pump(store)?;
+    }
     Ok(())
 }
 

@@ -43,6 +43,10 @@ pub enum ClockMode {
 pub struct ClockCfg {
     pub epoch_ms: u64,
     pub mode: ClockMode,
+    /// The drbd-utils version the simulated drbdsetup imitates (`None`: the current one); see
+    /// [`super::events::prints_open`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drbd_utils: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +172,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClockCfg {
                 epoch_ms: wall_ms(),
                 mode: ClockMode::Real,
+                drbd_utils: None,
             }),
             Err(e) => Err(io_err(&p)(e)),
         }
@@ -193,8 +198,23 @@ impl Store {
         let cfg = ClockCfg {
             epoch_ms: wall_ms(),
             mode,
+            drbd_utils: None,
         };
         write_atomic(&p, &serde_json::to_vec(&cfg).expect("serializable"))
+    }
+
+    /// Sets the drbd-utils version the cluster's drbdsetup imitates (`None`: the current one).
+    pub fn set_drbd_utils(&self, version: Option<&str>) -> Result<(), StoreError> {
+        if let Some(v) = version {
+            super::events::check_utils_version(v).map_err(SimError::Invalid)?;
+        }
+        let _l = self.lock()?;
+        let mut cfg = self.ensure_clock()?;
+        cfg.drbd_utils = version.map(str::to_string);
+        write_atomic(
+            &self.dir.join("clock.json"),
+            &serde_json::to_vec(&cfg).expect("serializable"),
+        )
     }
 
     fn ensure_clock(&self) -> Result<ClockCfg, StoreError> {
@@ -203,6 +223,7 @@ impl Store {
             let cfg = ClockCfg {
                 epoch_ms: wall_ms(),
                 mode: ClockMode::Real,
+                drbd_utils: None,
             };
             write_atomic(&p, &serde_json::to_vec(&cfg).expect("serializable"))?;
             return Ok(cfg);

@@ -125,7 +125,8 @@ pub fn res_view(c: &Cluster, r: &Res, node: &str, now: u64) -> Option<ResView> {
                 *v,
                 DevView {
                     minor: vol.minor,
-                    backing: if vol.attached {
+                    // `none` while attaching or detaching too (as DRBD reports it).
+                    backing: if vol.attached && vol.transit.is_none() {
                         vol.backing.clone()
                     } else {
                         None
@@ -163,7 +164,8 @@ pub fn res_view(c: &Cluster, r: &Res, node: &str, now: u64) -> Option<ResView> {
             let pvol = pm.and_then(|pm| pm.vols.get(v));
             let (peer_disk, peer_client) = match (live, pvol) {
                 (true, Some(pvol)) => (pvol.shown_disk(), pvol.client()),
-                _ => (DiskState::DUnknown, false),
+                // Not replicating: what this node last learned (a relayed outdate), else unknown.
+                _ => (pv.known_disk.clone().unwrap_or(DiskState::DUnknown), false),
             };
             let resync = if pv.repl.is_syncing() {
                 r.resync_between(node, pname, *v)
@@ -249,7 +251,11 @@ pub fn res_view(c: &Cluster, r: &Res, node: &str, now: u64) -> Option<ResView> {
         role: m.role.clone(),
         suspended,
         fail_io: m.fail_io,
-        write_ordering: WriteOrdering::Flush,
+        write_ordering: if m.promoted_once {
+            WriteOrdering::Flush
+        } else {
+            WriteOrdering::None
+        },
         devices,
         conns,
     })
@@ -326,12 +332,21 @@ pub fn promotion(r: &ResView) -> Promotion {
 // Printing
 
 /// events2 output options (`--full`, `--statistics`, `--timestamps`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct PrintOpts {
     pub full: bool,
     pub statistics: bool,
     /// drbdsetup's `opt_verbose`: +1 for `--statistics`, +1 for `--full`.
     pub verbose: u8,
+    /// Print the device's `open:` field (drbd-utils 9.22, which the real captures come from, does
+    /// not have it; newer drbd-utils print it).
+    pub open_field: bool,
+}
+
+impl Default for PrintOpts {
+    fn default() -> Self {
+        PrintOpts::new(false, false)
+    }
 }
 
 impl PrintOpts {
@@ -340,6 +355,7 @@ impl PrintOpts {
             full,
             statistics: statistics || full,
             verbose: u8::from(full) + u8::from(statistics),
+            open_field: true,
         }
     }
 }
@@ -422,8 +438,16 @@ pub fn print_changes(
         );
     }
 
+    // The initial dump lists connections newest first (DRBD's list order; the simulator assumes they
+    // were created in peer-node-id order); live changes come in creation order.
+    let conns: Vec<(&u32, &ConnView)> = if action_new == Verb::Exists {
+        new.conns.iter().rev().collect()
+    } else {
+        new.conns.iter().collect()
+    };
+
     // connections
-    for (id, c) in &new.conns {
+    for (id, c) in conns.iter().copied() {
         let oc = old.and_then(|x| x.conns.get(id));
         let cs_ch = oc.is_none_or(|x| x.cstate != c.cstate);
         let role_ch = oc.is_none_or(|x| x.role != c.role);
@@ -463,8 +487,12 @@ pub fn print_changes(
     // devices
     for (v, d) in &new.devices {
         let od = old.and_then(|x| x.devices.get(v));
-        let info_ch =
-            od.is_none_or(|x| x.disk != d.disk || x.quorum != d.quorum || x.open != d.open);
+        let info_ch = od.is_none_or(|x| {
+            x.disk != d.disk
+                || x.quorum != d.quorum
+                || x.backing != d.backing
+                || (o.open_field && x.open != d.open)
+        });
         let st_ch = o.statistics && od.is_none_or(|x| x.stats != d.stats);
         if !(info_ch || st_ch) {
             continue;
@@ -479,7 +507,9 @@ pub fn print_changes(
             f.backing_dev = Some(d.backing.as_deref().unwrap_or("none"));
             f.disk = Some(d.disk.clone());
             f.client = Some(tri(d.client));
-            f.open = Some(tri(d.open));
+            if o.open_field {
+                f.open = Some(tri(d.open));
+            }
             f.quorum = Some(tri(d.quorum));
         }
         if st_ch || o.full {
@@ -517,7 +547,7 @@ pub fn print_changes(
     }
 
     // per connection: peer devices, paths, then vanished paths and peer devices
-    for (id, c) in &new.conns {
+    for (id, c) in conns.iter().copied() {
         let oc = old.and_then(|x| x.conns.get(id));
         for (v, pd) in &c.pds {
             let op = oc.and_then(|x| x.pds.get(v));
