@@ -1182,6 +1182,45 @@ fn a_lost_peer_is_noticed_after_ping_int() {
         .all(|m| m.peers.values().all(|p| p.lost_at.is_none())));
 }
 
+/// A crashed Primary is still a Primary to its peers until they notice (ping-int): no peer may
+/// promote meanwhile (DRBD refuses with `Multiple primaries`), then the majority may.
+#[test]
+fn a_crashed_primary_blocks_promotion_until_it_is_noticed() {
+    let mut set = BTreeMap::new();
+    set.insert("ping-int".to_string(), "10".to_string());
+    set.insert("quorum".to_string(), "majority".to_string());
+    let nodes = [
+        ("n1", InitialDisk::UpToDate, "10.0.0.1:7789"),
+        ("n2", InitialDisk::UpToDate, "10.0.0.2:7789"),
+        ("n3", InitialDisk::UpToDate, "10.0.0.3:7789"),
+    ];
+    let Op::Create(mut spec) = create(&nodes, 1) else {
+        unreachable!()
+    };
+    spec.options = set;
+    let mut c = Cluster::default();
+    c.apply(&Op::Create(spec), 0, &mut |_, _| {}).unwrap();
+    c.apply(&primary("n1"), 0, &mut |_, _| {}).unwrap();
+    c.apply(&Op::NodeDown { node: "n1".into() }, 1_000, &mut |_, _| {})
+        .unwrap();
+    let view = |c: &Cluster| {
+        drbd_reactor::sim::view::res_view(c, &c.resources[RES], "n2", c.now_ms).unwrap()
+    };
+    let v = view(&c);
+    assert_eq!(v.conns[&0].role.to_string(), "Primary");
+    assert!(!drbd_reactor::sim::view::promotion(&v).may_promote);
+    let e = c
+        .clone()
+        .apply(&primary("n2"), 5_000, &mut |_, _| {})
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 11, "{e}");
+    c.apply(&Op::Tick, 11_000, &mut |_, _| {}).unwrap();
+    let v = view(&c);
+    assert_eq!(v.conns[&0].cstate.to_string(), "Connecting");
+    assert!(drbd_reactor::sim::view::promotion(&v).may_promote);
+    c.apply(&primary("n2"), 11_000, &mut |_, _| {}).unwrap();
+}
+
 /// Prints the simulator's capture and its comparison with the real one (a debugging aid):
 /// `SCENARIO=real-drbd-9.2.18_2node CAPTURE=ev2-2node-full REAL=2node-full cargo test --test
 /// sim_faithful print_a_comparison -- --ignored --nocapture`.

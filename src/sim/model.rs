@@ -1296,15 +1296,15 @@ impl Cluster {
             .map(|(n, _)| n.clone())
             .collect();
         for rn in names {
-            // The crashed node's kernel state is gone; what persists is the data on its disks.
+            // The crashed node's kernel state is gone (it comes back Secondary, see up_member); what
+            // persists is the data on its disks. Its role stays what its peers last knew: until they
+            // notice the loss (ping-int) they still see a Primary there.
             {
                 let r = self.resources.get_mut(&rn).expect("exists");
                 let m = r.members.get_mut(node).expect("member");
                 m.crashed_primary = m.role == Role::Primary;
-                m.role = Role::Secondary;
                 m.fail_io = false;
                 m.auto_promoted = false;
-                m.promoted_once = false;
                 for v in m.vols.values_mut() {
                     v.open = false;
                     v.transit = None;
