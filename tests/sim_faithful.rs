@@ -625,7 +625,7 @@ fn comparator_finds_no_difference_between_two_captures_of_one_run() {
     assert_eq!(r.malformed_right.len(), 3, "{r}");
 }
 
-/// scenario-3node.sh (up, initial sync, promote/demote, link 1-2 cut and restored with a resync, power
+/// The lab's 3-node run (up, initial sync, promote/demote, link 1-2 cut and restored with a resync, power
 /// cut of node2, link 1-3 cut so node1 loses quorum, restored, node2 reboot and resync) on the simulator
 /// gives node1 the states real DRBD 9.2.18 went through, object by object: resource, device, both
 /// connections, peer devices and paths, and the helpers (before-resync-source, disconnected,
@@ -646,7 +646,7 @@ fn three_node_scenario_gives_the_states_of_real_drbd() {
         assert_same_states(&r);
         assert_eq!(r.objects.len(), 13, "{r}");
     }
-    // The capture ran like evcap.sh's drbdsetup: until stdin closed (exit 0).
+    // The capture ran like the lab's background drbdsetup: until its stdin closed (exit 0).
     assert_eq!(caps["ev2-3node-full"].exit_code, Some(0));
 }
 
@@ -679,7 +679,7 @@ fn final_now_dump_is_the_real_one() {
     assert_same(&got, &want);
 }
 
-/// scenario-2node.sh (up, initial sync, promote/demote both ways, `drbdadm disconnect` with 8 MiB
+/// The lab's 2-node run (up, initial sync, promote/demote both ways, `drbdadm disconnect` with 8 MiB
 /// written and `connect` with a resync, power cut of the peer, reboot and resync, `n` polls) gives
 /// node1 the states of the real run, in both captures of it.
 #[test]
@@ -700,7 +700,7 @@ fn two_node_scenario_gives_the_states_of_real_drbd() {
     }
 }
 
-/// scenario-teardown.sh: a peer's `drbdadm down` (TearDown), local detach and attach
+/// The lab's teardown run: a peer's `drbdadm down` (TearDown), local detach and attach
 /// (Detaching/Attaching), local `drbdadm down` (Disconnecting, the `destroy path/connection/device/
 /// resource` lines, no `destroy peer-device`).
 #[test]
@@ -1239,4 +1239,47 @@ fn print_a_comparison() {
         t.malformed.len()
     );
     println!("{}", sim_vs_real(&sc, &cap, &real_name));
+}
+
+/// `drbd-sim scenario FILE` writes the scenario's captures to their files (in the current directory),
+/// and they are the captures the tests compare; a bad capture step is an error naming the step.
+#[test]
+fn the_scenario_command_writes_the_captures() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!(
+        "{}/tests/data/sim/real-drbd-9.2.18_2node.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = Command::new(BIN)
+        .arg("--cluster")
+        .arg(dir.path().join("c"))
+        .args(["scenario", &file])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let written = std::fs::read_to_string(dir.path().join("ev2-2node-full.txt")).unwrap();
+    let r = compare_named(
+        "written",
+        &written,
+        "real",
+        &real("2node-full"),
+        &Normalize::default(),
+    );
+    assert_same_states(&r);
+    assert!(dir.path().join("ev2-2node-ts-stats.txt").exists());
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "steps:\n  - events2-start: {name: a, node: n1, args: --bogus}\n",
+    )
+    .unwrap();
+    let (code, _, err) = sim(&dir.path().join("c"), &["scenario", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("step 1") && err.contains("--bogus"), "{err}");
+    std::fs::write(&bad, "steps:\n  - events2-poll: nothing\n").unwrap();
+    let (code, _, err) = sim(&dir.path().join("c"), &["scenario", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no capture named nothing"), "{err}");
 }
