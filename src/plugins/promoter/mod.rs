@@ -348,9 +348,8 @@ impl Plugin for Promoter {
             let any_systemd = me.resources.iter().any(|r| r.runner == Runner::Systemd);
             let dir = UnitDir::new(&opts.unit_dir);
 
-            // 1. Unit files, then one reload, and meanwhile drbdadm adjust (independent of each other;
-            // on a slow host the reload alone takes seconds: 3-6 s on the QEMU guests of the real-DRBD
-            // lab, most of an agent's time to its first decision).
+            // 1. Unit files, then one reload (on a slow host it takes seconds: 3-9 s on the QEMU guests
+            // of the real-DRBD lab, most of an agent's time to its first decision).
             let t_setup = Instant::now();
             let batch: Vec<(String, Vec<UnitFile>)> = me
                 .resources
@@ -364,47 +363,22 @@ impl Plugin for Promoter {
                 .unwrap_or_else(|e| Err(e.to_string()));
             tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t_setup.elapsed().as_millis() as u64,
                 changed = ?written, "unit files written");
-            let reload = async {
-                match written {
-                    Ok(true) => {
-                        if let Some(m) = &opts.manager {
-                            let t0 = Instant::now();
-                            if let Err(e) = m.reload().await {
-                                ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
-                            }
-                            tracing::debug!(target: "promoter", instance = %ctx.id,
-                                elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
-                }
-            };
-
-            // 2. drbdadm adjust, all resources at once.
-            let adjusts = me
-                .resources
-                .iter()
-                .filter(|r| r.adjust_resource_on_start && !r.disabled)
-                .map(|r| {
-                    let eff = eff.clone();
-                    let name = r.name.clone();
-                    async move {
+            match written {
+                Ok(true) => {
+                    if let Some(m) = &opts.manager {
                         let t0 = Instant::now();
-                        let r = eff.adjust(&name).await;
-                        tracing::debug!(target: "promoter", resource = %name,
-                            elapsed_ms = t0.elapsed().as_millis() as u64, ok = r.is_ok(), "drbdadm adjust done");
-                        (name.clone(), r)
+                        if let Err(e) = m.reload().await {
+                            ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
+                        }
+                        tracing::debug!(target: "promoter", instance = %ctx.id,
+                            elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
                     }
-                });
-            let ((), adjusted) = futures::future::join(reload, futures::future::join_all(adjusts)).await;
-            for (name, r) in adjusted {
-                if let Err(e) = r {
-                    ctx.event(true, "AdjustFailed", format!("{name}: {e}"));
                 }
+                Ok(false) => {}
+                Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
             }
 
-            // 3. The decision state, and what systemd says runs already.
+            // 2. The decision state, and what systemd says runs already.
             let (tx, mut rx) = mpsc::unbounded_channel();
             let n = me.resources.len();
             let mut run = Driver {
@@ -433,11 +407,37 @@ impl Plugin for Promoter {
                 let (active, frozen) = o.unwrap_or((false, false));
                 run.step(i, Input::Observed { active, frozen });
             }
+
+            // 3. drbdadm adjust, all resources at once, last: it may bring a resource up, and only once
+            // the promoter can act on it. A returning preferred node whose disk became UpToDate before its
+            // promoter was ready would make the Primary fail back to a node that cannot take over yet
+            // (seen on real DRBD: with adjust side by side with a 9 s daemon-reload, the resync ended
+            // first and a less preferred node won the race the fail-back opened).
+            let adjusts = me
+                .resources
+                .iter()
+                .filter(|r| r.adjust_resource_on_start && !r.disabled)
+                .map(|r| {
+                    let eff = eff.clone();
+                    let name = r.name.clone();
+                    async move {
+                        let t0 = Instant::now();
+                        let r = eff.adjust(&name).await;
+                        tracing::debug!(target: "promoter", resource = %name,
+                            elapsed_ms = t0.elapsed().as_millis() as u64, ok = r.is_ok(), "drbdadm adjust done");
+                        (name.clone(), r)
+                    }
+                });
+            for (name, r) in futures::future::join_all(adjusts).await {
+                if let Err(e) = r {
+                    ctx.event(true, "AdjustFailed", format!("{name}: {e}"));
+                }
+            }
             tracing::debug!(target: "promoter", instance = %ctx.id,
                 elapsed_ms = t_setup.elapsed().as_millis() as u64, "set up: deciding from here");
             run.publish();
 
-            // 4. Events, effect results and deadlines.
+            // 4. Events (queued meanwhile), effect results and deadlines.
             let mut publish = tokio::time::interval(Duration::from_millis(500));
             publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

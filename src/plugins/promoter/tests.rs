@@ -23,9 +23,22 @@ struct Recorder {
     failed: Mutex<HashSet<String>>,
     /// The units whose state was asked for.
     states: Mutex<Vec<String>>,
+    /// A file that reloads and state queries are also appended to (to order them against processes).
+    journal: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Recorder {
+    fn note(&self, what: &str) {
+        if let Some(p) = &*self.journal.lock().unwrap() {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap();
+            writeln!(f, "{what}").unwrap();
+        }
+    }
     fn rec(&self, s: String) {
         self.calls.lock().unwrap().push(s);
     }
@@ -41,6 +54,7 @@ impl Recorder {
 impl ServiceManager for Recorder {
     fn reload(&self) -> BoxFuture<'_, Result<(), SystemdError>> {
         self.rec("reload".into());
+        self.note("reload");
         async { Ok(()) }.boxed()
     }
     fn start_unit<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<JobResult, SystemdError>> {
@@ -85,6 +99,7 @@ impl ServiceManager for Recorder {
     }
     fn unit_state<'a>(&'a self, unit: &'a str) -> BoxFuture<'a, Result<UnitState, SystemdError>> {
         self.states.lock().unwrap().push(unit.to_string());
+        self.note(&format!("state {unit}"));
         let active = self.active.lock().unwrap().contains(unit);
         let failed = self.failed.lock().unwrap().contains(unit);
         async move {
@@ -605,4 +620,42 @@ async fn observe_asks_for_frozen_units_only_when_the_services_run() {
             "b.service".to_string()
         ]
     );
+}
+
+/// `drbdadm adjust` (which may bring the resource up) runs only after the reload and the observation of
+/// the services: once the promoter can act. Run side by side with a slow reload, a returning preferred
+/// node finished its resync before its promoter was ready, the Primary failed back to it, and a less
+/// preferred node took the services (real DRBD in QEMU guests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjust_runs_after_the_reload_and_the_observation() {
+    let mut e = env();
+    let journal = e.dir.path().join("journal");
+    *e.rec.journal.lock().unwrap() = Some(journal.clone());
+    let adm = e.dir.path().join("drbdadm");
+    std::fs::write(
+        &adm,
+        format!("#!/bin/sh\necho \"adjust $2\" >> '{}'\n", journal.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&adm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    e.opts.drbdadm = vec![adm.display().to_string()];
+    let inst = instance(
+        "p",
+        serde_json::json!([{"name": "r0", "start": ["a.service"]}]),
+    );
+    let plugin = Box::new(Promoter::from_spec(&inst, &e.opts).unwrap());
+    let (mut out, inbox) = channel(plugin.subscription());
+    let metrics = AgentMetrics::new();
+    let detail = DetailHandle::default();
+    let task = tokio::spawn(plugin.run(inbox, ctx(&metrics, &detail)));
+    eventually("adjust", || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("adjust"))
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&journal).unwrap(),
+        "reload\nstate drbd-services@r0.target\nadjust r0\n"
+    );
+    out.close();
+    task.await.unwrap().unwrap();
 }
