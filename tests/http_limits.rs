@@ -79,6 +79,11 @@ fn agent(dir: &Path, extra: &[&str]) -> Agent {
                 .as_array()
                 .is_some_and(|r| r.len() > 900)
     });
+    // The exporter renders in the background: wait until the served rendering has them all too (a
+    // scrape of an early, small rendering would fit in the socket buffers and never stall).
+    a.wait_for("/metrics with ~1000 resources", Duration::from_secs(60), |a| {
+        a.metric("drbd_resource_resources").is_some_and(|n| n > 900.0)
+    });
     a
 }
 
@@ -257,6 +262,9 @@ fn stalled_metrics_readers_do_not_grow_the_agent() {
         .0 == 200),
         "a scrape after the stalled readers were dropped"
     );
+    // Every stalled response has passed its 5 s deadline by now (the last was accepted a few seconds
+    // after the first; reading one earlier would let it finish its body within its deadline).
+    std::thread::sleep(Duration::from_secs(6));
     let mut closed = 0;
     for s in &stalled {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -6,28 +6,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{drbd_sim as sim, drbd_sim_ok as ok};
+
 const BIN: &str = env!("CARGO_BIN_EXE_drbd-sim");
 
-fn sim(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("--cluster")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run drbd-sim");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(dir: &std::path::Path, args: &[&str]) -> String {
-    let (code, out, err) = sim(dir, args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    out
-}
 
 fn three_nodes(dir: &std::path::Path) {
     ok(

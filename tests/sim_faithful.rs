@@ -501,6 +501,7 @@ fn timestamps_prefix_every_line() {
 mod common;
 
 use common::faithful::{compare_named, traces, Normalize, Report};
+use common::{drbd_sim as sim, drbd_sim_ok as ok};
 use drbd_reactor::sim::scenario::{run_captured, Capture, Scenario};
 use drbd_reactor::sim::store::Store;
 use std::io::{BufRead, BufReader, Write};
@@ -776,26 +777,6 @@ fn resync_targets_run_before_and_after_resync_target() {
     );
 }
 
-fn sim(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("--cluster")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run drbd-sim");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(dir: &std::path::Path, args: &[&str]) -> String {
-    let (code, out, err) = sim(dir, args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    out
-}
 
 /// A 3-node cluster like the lab's after its scenario: node1 Primary, everything UpToDate.
 fn lab_like(dir: &std::path::Path) {

@@ -263,3 +263,26 @@ pub fn tool_or_skip(name: &str, test: &str) -> Option<std::path::PathBuf> {
     }
 }
 pub mod faithful;
+
+/// Runs `drbd-sim --cluster DIR ARGS…` with stdin closed: exit code, stdout, stderr.
+pub fn drbd_sim(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drbd-sim"))
+        .arg("--cluster")
+        .arg(dir)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run drbd-sim");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `drbd_sim` that must exit 0; its stdout.
+pub fn drbd_sim_ok(dir: &std::path::Path, args: &[&str]) -> String {
+    let (code, out, err) = drbd_sim(dir, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    out
+}
