@@ -81,9 +81,14 @@ fn agent(dir: &Path, extra: &[&str]) -> Agent {
     });
     // The exporter renders in the background: wait until the served rendering has them all too (a
     // scrape of an early, small rendering would fit in the socket buffers and never stall).
-    a.wait_for("/metrics with ~1000 resources", Duration::from_secs(60), |a| {
-        a.metric("drbd_resource_resources").is_some_and(|n| n > 900.0)
-    });
+    a.wait_for(
+        "/metrics with ~1000 resources",
+        Duration::from_secs(60),
+        |a| {
+            a.metric("drbd_resource_resources")
+                .is_some_and(|n| n > 900.0)
+        },
+    );
     a
 }
 
