@@ -12,7 +12,6 @@ use common::{drbd_sim as sim, drbd_sim_ok as ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_drbd-sim");
 
-
 fn three_nodes(dir: &std::path::Path) {
     ok(
         dir,

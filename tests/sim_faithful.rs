@@ -777,7 +777,6 @@ fn resync_targets_run_before_and_after_resync_target() {
     );
 }
 
-
 /// A 3-node cluster like the lab's after its scenario: node1 Primary, everything UpToDate.
 fn lab_like(dir: &std::path::Path) {
     ok(dir, &["ctl", "init", "--drbd-utils", "9.22"]);
