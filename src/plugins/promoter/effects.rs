@@ -206,6 +206,11 @@ impl Effects {
                     describe(&r)
                 );
                 if start {
+                    // Another node promoted first (DRBD refuses a second Primary): a lost race, not a
+                    // failure of this node, so no backoff that would cost it its place in the order.
+                    if lost_race(&msg) {
+                        return Outcome::NotPromoted(msg);
+                    }
                     return Outcome::Failed(msg);
                 }
                 errors.push(msg);
@@ -269,5 +274,24 @@ impl Effects {
             }
         }
         Some((t.is_active(), frozen))
+    }
+}
+
+/// Whether a failed start says that DRBD refused this node because another one is Primary
+/// (`State change failed: (-1) Multiple primaries not allowed by config`, drbdsetup's text for it).
+fn lost_race(message: &str) -> bool {
+    message.contains("Multiple primaries not allowed")
+}
+
+#[cfg(test)]
+mod lost_race_tests {
+    use super::lost_race;
+
+    #[test]
+    fn a_refused_second_primary_is_a_lost_race() {
+        assert!(lost_race("start entry 0 (\"drbdadm primary r0\"): exit code 11: r0: State change failed: (-1) Multiple primaries not allowed by config"));
+        assert!(!lost_race(
+            "start entry 1 (\"mount /dev/drbd0 /mnt\"): exit code 32: mount failed"
+        ));
     }
 }
