@@ -497,12 +497,17 @@ impl Lab {
     /// Starts the agent in guest n with extra arguments (after the policy dir and drbdsetup); returns
     /// once `/readyz` answers 200, with the time that took.
     pub fn start_agent(&self, n: usize, extra: &str) -> Duration {
+        self.start_agent_with(n, "", extra)
+    }
+
+    /// `start_agent` with extra `systemd-run` options for the agent's unit (e.g. `-E RUST_LOG=…`).
+    pub fn start_agent_with(&self, n: usize, unit_options: &str, extra: &str) -> Duration {
         let t0 = Instant::now();
         self.sh(
             n,
             &format!(
                 "mkdir -p /etc/drbd-reactor.d; systemctl reset-failed {u} 2>/dev/null; \
-                 systemd-run --unit={u} -p KillMode=mixed -p TimeoutStopSec=20 \
+                 systemd-run --unit={u} {unit_options} -p KillMode=mixed -p TimeoutStopSec=20 \
                  /usr/local/bin/drbd-reactor agent --policy-dir /etc/drbd-reactor.d \
                  --drbdsetup drbdsetup --drbdadm drbdadm --host-exec '' --listen 127.0.0.1:9942 {extra}",
                 u = Self::AGENT_UNIT

@@ -78,26 +78,9 @@ fn host_now() -> f64 {
         .as_secs_f64()
 }
 
-/// Starts the agent in guest n (as `Lab::start_agent`, with a log filter); the time until `/readyz`.
+/// Starts the agent in guest n with the promoter's debug log filter; the time until `/readyz`.
 fn start_agent(lab: &Lab, n: usize, extra: &str) -> Duration {
-    let t0 = Instant::now();
-    lab.sh(
-        n,
-        &format!(
-            "mkdir -p /etc/drbd-reactor.d; systemctl reset-failed {u} 2>/dev/null; \
-             systemd-run --unit={u} -E RUST_LOG={RUST_LOG} -p KillMode=mixed -p TimeoutStopSec=20 \
-             /usr/local/bin/drbd-reactor agent --policy-dir /etc/drbd-reactor.d \
-             --drbdsetup drbdsetup --drbdadm drbdadm --host-exec '' --listen 127.0.0.1:9942 {extra}",
-            u = Lab::AGENT_UNIT
-        ),
-    );
-    lab.wait(
-        n,
-        "the agent's /readyz",
-        "curl -sf localhost:9942/readyz >/dev/null",
-        Duration::from_secs(60),
-    );
-    t0.elapsed()
+    lab.start_agent_with(n, &format!("-E RUST_LOG={RUST_LOG}"), extra)
 }
 
 /// The agent's journal since `since` (guest epoch seconds), as `(epoch, text)` without colours.
