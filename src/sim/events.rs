@@ -348,7 +348,9 @@ pub fn run(
         return Ok(0);
     }
     let tick = Duration::from_millis(20);
-    let mut last_len = store.journal_len();
+    // What the dump covered, not the journal's length now: an entry another process appended since the
+    // load (while the dump was printed) must still be followed.
+    let mut last_len = l.offset;
     loop {
         // Wait for input or the next journal check.
         if let Some(rx) = &input {
