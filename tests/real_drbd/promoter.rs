@@ -380,7 +380,7 @@ fn cleanup(lab: &Lab) {
                 "systemctl stop drbd-services@r0.target drbd-promote@r0.service 2>/dev/null; \
                  umount /mnt/r0 2>/dev/null; drbdadm secondary r0 2>/dev/null; \
                  systemctl stop drbd@r0.target drbd@r0.service 2>/dev/null; \
-                 rm -f /etc/systemd/system/lab-*.service /etc/systemd/system/mnt-r0.mount; \
+                 rm -f /etc/systemd/system/lab-svc.service /etc/systemd/system/lab-fail.service /etc/systemd/system/mnt-r0.mount; \
                  systemctl daemon-reload; systemctl reset-failed; true",
             );
         }
@@ -903,38 +903,46 @@ fn promoter_own_templates() {
     removed_everywhere(lab, "h) policy removed, own templates");
 
     // f) a start list with a service that cannot start: every node tries, fails 3 times 20 s apart and
-    // backs off for 60 s; no node runs anything meanwhile and the attempts do not ping-pong.
+    // backs off for 60 s (doubling with each further failure); no node runs anything meanwhile and the
+    // attempts do not ping-pong. The nodes' failures are staggered (each waits for the others' failed
+    // attempts), so a node may already be past its first backoff when the last one starts its own.
     let fail = policy(&[MOUNT, SVC, "lab-fail.service"], true);
     let t_f = Instant::now();
     for n in NODES {
         lab.set_policies(n, &[("r0.yaml", &fail)]);
     }
-    loop {
+    // (failures, seconds of backoff left) from "start failed N×, backing off S s"
+    let backoff = |v: &View| -> Option<(u64, u64)> {
+        let r = v.reason().strip_prefix("start failed ")?;
+        let (n, rest) = r.split_once("×, backing off ")?;
+        let s = rest.strip_suffix(" s")?;
+        Some((n.parse().ok()?, s.parse().ok()?))
+    };
+    let vs = loop {
         let vs = views(lab, &NODES);
         assert!(
             vs.iter().filter(|v| v.role == "Primary").count() <= 1,
             "[f] two Primaries:\n{}",
             show(&vs)
         );
-        if vs.iter().all(|v| {
-            v.state() == "blocked"
-                && v.reason().starts_with("start failed 3×, backing off")
-                && !v.runs()
-        }) {
+        if vs
+            .iter()
+            .all(|v| v.state() == "blocked" && backoff(v).is_some_and(|b| b.0 >= 3) && !v.runs())
+        {
             eprintln!(
                 "[f) failing start] every node backs off after {:.1} s:\n{}",
                 t_f.elapsed().as_secs_f64(),
                 show(&vs)
             );
-            break;
+            break vs;
         }
         assert!(
-            t_f.elapsed() < Duration::from_secs(150),
+            t_f.elapsed() < Duration::from_secs(240),
             "[f] not every node backs off:\n{}",
             show(&vs)
         );
         std::thread::sleep(Duration::from_secs(2));
-    }
+    };
     let counts = |lab: &Lab| -> Vec<(u64, u64)> {
         NODES
             .iter()
@@ -948,12 +956,34 @@ fn promoter_own_templates() {
     };
     let c1 = counts(lab);
     eprintln!("[f] (failed, not promoted) starts per node: {c1:?}");
+    for (v, c) in vs.iter().zip(&c1) {
+        let (n, left) = backoff(v).unwrap();
+        if left < 5 {
+            continue; // it may have tried again since
+        }
+        assert_eq!(
+            c.0, n,
+            "node{}: failed starts counted vs shown: {c1:?}",
+            v.node
+        );
+    }
+    // Nodes with more than 15 s of backoff left try nothing in the next 10 s.
+    let waiting: Vec<usize> = vs
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| backoff(v).is_some_and(|b| b.1 > 15))
+        .map(|(i, _)| i)
+        .collect();
     assert!(
-        c1.iter().all(|c| c.0 == 3),
-        "3 failed starts per node: {c1:?}"
+        !waiting.is_empty(),
+        "[f] no node is in a long backoff:\n{}",
+        show(&vs)
     );
     std::thread::sleep(Duration::from_secs(10));
-    assert_eq!(counts(lab), c1, "[f] nothing more during the backoff");
+    let c2 = counts(lab);
+    for i in waiting {
+        assert_eq!(c2[i], c1[i], "[f] node{} tried during its backoff", i + 1);
+    }
     let vs = views(lab, &NODES);
     assert!(
         vs.iter().all(|v| v.role == "Secondary" && !v.runs()),

@@ -120,9 +120,15 @@ build_image() {
     : > "$r/etc/machine-id"
     printf '/dev/vda / ext4 rw,noatime 0 1\n' > "$r/etc/fstab"
     install -m755 "$LAB_SRC_DIR/guest/lab-agent.sh" "$LAB_SRC_DIR/guest/lab-net.sh" "$r/usr/local/sbin/"
-    install -m644 "$LAB_SRC_DIR/guest/lab-agent.service" "$LAB_SRC_DIR/guest/lab-net.service" "$r/etc/systemd/system/"
-    ln -sf /etc/systemd/system/lab-agent.service "$r/etc/systemd/system/multi-user.target.wants/"
-    ln -sf /etc/systemd/system/lab-net.service "$r/etc/systemd/system/multi-user.target.wants/"
+    # The lab's own units live in the vendor directory, out of reach of tests that write and remove
+    # units in /etc/systemd/system. The agent starts early and whatever else the boot does (a failed
+    # mount, emergency mode), so a guest that boots badly can still be asked what went wrong.
+    local vu=$r/usr/lib/systemd/system
+    install -m644 "$LAB_SRC_DIR/guest/lab-agent.service" "$LAB_SRC_DIR/guest/lab-net.service" "$vu/"
+    mkdir -p "$vu/sysinit.target.wants" "$vu/multi-user.target.wants" "$vu/network-online.target.wants"
+    ln -sf ../lab-agent.service "$vu/sysinit.target.wants/"
+    ln -sf ../lab-net.service "$vu/multi-user.target.wants/"
+    ln -sf ../lab-net.service "$vu/network-online.target.wants/"
     # Units that cost CPU under TCG and do nothing for the lab; drbd.service would bring up every resource.
     local u
     for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer man-db.timer \

@@ -46,7 +46,7 @@ start() {
     nice -n "${LAB_NICE:-5}" qemu-system-x86_64 -name "node$N" -accel "tcg,tb-size=$LAB_TB" -m "$LAB_MEM" -smp 1 \
         -nodefaults -display none -no-reboot \
         -kernel "$LAB_IMG/vmlinuz" -initrd "$LAB_IMG/initrd.cpio.gz" \
-        -append "console=ttyS0 quiet root=/dev/vda rw net.ifnames=0 systemd.hostname=node$N lab.net=$net panic=-1 ${LAB_APPEND:-}" \
+        -append "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.hostname=node$N lab.net=$net panic=-1 ${LAB_APPEND:-}" \
         -drive "file=$run/node$N-root.qcow2,if=virtio,format=qcow2,cache=unsafe" \
         -drive "file=$run/node$N-data.raw,if=virtio,format=raw,cache=none" \
         "${args[@]}" \
