@@ -24,8 +24,12 @@ fn vm_dir() -> PathBuf {
 
 /// The agent binary the guests run: the test build's, with debug info stripped (the guests read it
 /// through 9p; 60 MB instead of 290).
+/// The agent binary pushed into the guests: this build's, or `LAB_AGENT_BIN` (e.g. a release build for
+/// figures: `cargo build --release` and `LAB_AGENT_BIN=target/release/drbd-reactor`).
 pub fn agent_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drbd-reactor"))
+    std::env::var_os("LAB_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drbd-reactor")))
 }
 
 #[derive(Debug)]

@@ -607,7 +607,12 @@ fn promoter_drbd_utils_templates() {
         assert_reason(v, "standby", "peer node1 is Primary", "a) first start");
     }
     eprintln!(
-        "[a) first start] node1, agent start to first decision (debug build):\n{}",
+        "[a) first start] node1, agent start to first decision ({}):\n{}",
+        if std::env::var_os("LAB_AGENT_BIN").is_some() {
+            "LAB_AGENT_BIN"
+        } else {
+            "this test build"
+        },
         first_decision_breakdown(lab, 1, since[0] - 1.0)
     );
     // drbd-utils' templates are used as they are; Debian has no ocf.rs@, so the agent installed its own
