@@ -330,6 +330,7 @@ impl Runtime {
         let st = self.engine.apply_chunk(bytes, &mut out);
         self.metrics.lines.inc_by(st.lines);
         self.metrics.malformed.inc_by(st.malformed);
+        self.metrics.capped.inc_by(st.capped);
         let done = self.engine.state.initial_dump_complete();
         self.health
             .initial_dump_complete
