@@ -277,15 +277,10 @@ fn dropped_runs_are_counted_and_logged_with_a_rate_limit() {
         &pol.join("t.yaml"),
         "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata:\n  name: t\nspec:\n  umh:\n    maxConcurrent: 1\n    maxQueued: 1\n    resource:\n    - name: every\n      command: [sleep, \"30\"]\n",
     );
-    let mut stream = String::from(
-        "exists resource name:r0 role:Secondary suspended:no force-io-failures:no may_promote:no promotion_score:0\nexists -\n#@sleep 2000\n",
+    let stream = format!(
+        "exists resource name:r0 role:Secondary suspended:no force-io-failures:no may_promote:no promotion_score:0\nexists -\n#@sleep 2000\n{}",
+        common::role_flips("r0", 300)
     );
-    for i in 0..300 {
-        let role = if i % 2 == 0 { "Primary" } else { "Secondary" };
-        stream.push_str(&format!(
-            "change resource name:r0 role:{role} suspended:no force-io-failures:no may_promote:no promotion_score:0\n"
-        ));
-    }
     let script = tmp.path().join("stream.txt");
     write(&script, &stream);
     let private = tmp.path().join("private");
