@@ -41,6 +41,8 @@ pub enum AgentError {
     Signal(std::io::Error),
     #[error("the engine stopped unexpectedly")]
     EngineGone,
+    #[error("reading the policy directory failed: {0}")]
+    PolicyReader(String),
 }
 
 /// Runs the agent in file mode until SIGTERM/SIGINT.
@@ -161,15 +163,30 @@ async fn sync_policies(
     health: &Health,
     metrics: &AgentMetrics,
 ) -> Result<(), AgentError> {
-    let files = match read_dir(&opts.policy_dir) {
-        Ok(f) => f,
+    // Reading and parsing (bounded: 1 MiB a file, YAML nesting limited by the parser) happen on a
+    // blocking thread, so that a slow file system or a large file never holds up the async workers.
+    let path = opts.policy_dir.clone();
+    let mut taken = std::mem::take(dir);
+    let (taken, read) = tokio::task::spawn_blocking(move || {
+        let read = read_dir(&path).map(|files| taken.update(files));
+        (taken, read)
+    })
+    .await
+    .map_err(|e| {
+        // `dir` starts afresh: the next scan reads every file again.
+        tracing::error!(error = %e, "reading the policy directory failed");
+        AgentError::PolicyReader(e.to_string())
+    })?;
+    *dir = taken;
+    let new_problems = match read {
+        Ok(p) => p,
         Err(e) => {
             // The directory is gone or unreadable: keep what runs.
             tracing::warn!(dir = %opts.policy_dir.display(), error = %e, "cannot read the policy directory; keeping the policies in force");
             return Ok(());
         }
     };
-    for p in dir.update(files) {
+    for p in new_problems {
         tracing::error!(file = %p.file, error = %p.error, "rejected policy file; the policies in force stay");
     }
     let (policies, problems) = dir.policies();

@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod plugins;
 pub mod policy;
+pub mod ratelimit;
 pub mod sim;
 pub mod source;
 pub mod systemd;

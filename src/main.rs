@@ -371,7 +371,11 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(agent_main(*a))
+            let r = rt.block_on(agent_main(*a));
+            // Plugins had their stop timeout; blocking work still running (a unit file write, a
+            // rendering) does not hold the exit.
+            rt.shutdown_timeout(Duration::from_millis(500));
+            r
         }
         Command::OcfWrapper { verb } => {
             std::process::exit(drbd_reactor::plugins::promoter::ocf::main(&[verb]))

@@ -11,6 +11,7 @@ pub struct AgentMetrics {
     pub registry: Registry,
     pub lines: IntCounter,
     pub malformed: IntCounter,
+    pub capped: IntCounter,
     pub source_restarts: IntCounter,
     pub source_up: IntGauge,
     pub initial_dump_complete: IntGauge,
@@ -54,6 +55,10 @@ impl AgentMetrics {
             malformed: counter(
                 "drbdreactor_events2_malformed_lines_total",
                 "events2 lines that could not be parsed and were skipped",
+            ),
+            capped: counter(
+                "drbdreactor_events2_capped_total",
+                "Volumes, connections, paths and unknown keys left out because an object reached its limit",
             ),
             source_restarts: counter(
                 "drbdreactor_drbdsetup_restarts_total",

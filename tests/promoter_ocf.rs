@@ -132,3 +132,36 @@ fn exec_stop_post_verb() {
         .unwrap();
     assert_eq!(st.code(), Some(2));
 }
+
+/// OCF parameters with `%` (and other characters systemd treats specially) reach the agent verbatim
+/// through the `Environment=` lines the promoter writes, on a real systemd: it decodes C escapes first
+/// and expands specifiers after, so `%i` in a parameter would otherwise become the instance name.
+#[test]
+fn ocf_parameters_with_percent_reach_the_agent_verbatim_on_real_systemd() {
+    use drbd_reactor::plugins::promoter::units::{env_assignment, exec_line};
+    let Some(sd) = common::systemd::SystemdNs::boot("ocf_parameters_with_percent") else {
+        return;
+    };
+    let values = ["50%", "%i%n", "%%", "a b\"c\\d$HOME 100%"];
+    let mut unit = String::from("[Service]\nType=oneshot\n");
+    for (i, v) in values.iter().enumerate() {
+        unit.push_str(&env_assignment(&format!("OCF_RESKEY_p{i}"), v));
+        unit.push('\n');
+    }
+    let script = "env > /run/pct-env";
+    let argv: Vec<String> = ["/bin/sh", "-c", script].map(String::from).to_vec();
+    unit.push_str(&format!("ExecStart={}\n", exec_line(&argv)));
+    sd.write_unit("pct@inst.service", &unit);
+    let o = sd.systemctl(&["daemon-reload"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = sd.systemctl(&["start", "pct@inst.service"]);
+    assert!(o.status.success(), "{o:?}\n{}", sd.log_tail());
+    let env = std::fs::read_to_string(sd.run_path("pct-env")).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        let want = format!("OCF_RESKEY_p{i}={v}");
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want} not in the environment:\n{env}\nunit:\n{unit}"
+        );
+    }
+}

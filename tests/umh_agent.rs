@@ -265,3 +265,33 @@ change device name:r0 volume:0 minor:1000 backing_dev:/dev/sda disk:UpToDate cli
     assert!(copy.contains("v2 "));
     assert!(!tmp.path().join("pwned").exists());
 }
+
+/// Issue #15: every dropped run (queue full) was one ERROR line; now they are counted and logged with a
+/// rate limit.
+#[test]
+fn dropped_runs_are_counted_and_logged_with_a_rate_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pol = tmp.path().join("policies");
+    std::fs::create_dir_all(&pol).unwrap();
+    write(
+        &pol.join("t.yaml"),
+        "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata:\n  name: t\nspec:\n  umh:\n    maxConcurrent: 1\n    maxQueued: 1\n    resource:\n    - name: every\n      command: [sleep, \"30\"]\n",
+    );
+    let stream = format!(
+        "exists resource name:r0 role:Secondary suspended:no force-io-failures:no may_promote:no promotion_score:0\nexists -\n#@sleep 2000\n{}",
+        common::role_flips("r0", 300)
+    );
+    let script = tmp.path().join("stream.txt");
+    write(&script, &stream);
+    let private = tmp.path().join("private");
+    let agent = Agent::start(&pol, &script, &private);
+    agent.wait_for("the drops counted", Duration::from_secs(30), |a| {
+        a.runs("every", "dropped") >= 290
+    });
+    let logged = agent.stderr_count(&["run queue full"]);
+    assert!(
+        (1..=11).contains(&logged),
+        "{logged} log lines for {} dropped runs",
+        agent.runs("every", "dropped")
+    );
+}

@@ -256,13 +256,32 @@ fn err<T>(reason: impl Into<String>) -> Result<T, ParseError> {
     })
 }
 
-/// Removes ANSI colour sequences (`drbdsetup events2 --color`). Borrows when there are none.
+/// Removes ANSI colour sequences (`drbdsetup events2 --color`) from the line, except from the values of
+/// identity keys: drbdsetup colours state values only, so an escape byte in a name is part of the name.
+/// Borrows when there are none.
 pub fn strip_ansi(line: &str) -> Cow<'_, str> {
     if memchr::memchr(0x1b, line.as_bytes()).is_none() {
         return Cow::Borrowed(line);
     }
     let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
+    let toks = Tokens {
+        rest: line.as_bytes(),
+        line,
+    };
+    for (i, t) in toks.enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        match t.split_once(':') {
+            Some((k, _)) if is_identity(k) => out.push_str(t),
+            _ => strip_csi(t, &mut out),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn strip_csi(t: &str, out: &mut String) {
+    let mut chars = t.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\x1b' && chars.peek() == Some(&'[') {
             chars.next();
@@ -276,7 +295,37 @@ pub fn strip_ansi(line: &str) -> Cow<'_, str> {
             out.push(c);
         }
     }
-    Cow::Owned(out)
+}
+
+/// Keys that name an object (GRAMMAR.md §3): `--diff` never prints them as `old->new` and `--color`
+/// never colours them, so their values are taken verbatim.
+fn is_identity(key: &str) -> bool {
+    matches!(
+        key,
+        "name"
+            | "new_name"
+            | "volume"
+            | "minor"
+            | "peer-node-id"
+            | "conn-name"
+            | "local"
+            | "peer"
+            | "helper"
+    )
+}
+
+/// Whether a line is in `--diff` form: a state value (not a name, not a path that may hold `->`) is
+/// printed as `old->new`. A `>` elsewhere (in a resource or peer name) does not make it one.
+fn is_diff_form(line: &str) -> bool {
+    if memchr::memchr(b'>', line.as_bytes()).is_none() {
+        return false;
+    }
+    let toks = Tokens {
+        rest: line.as_bytes(),
+        line,
+    };
+    toks.filter_map(|t| t.split_once(':'))
+        .any(|(k, v)| !is_identity(k) && k != "backing_dev" && v.contains("->"))
 }
 
 fn looks_like_timestamp(tok: &str) -> bool {
@@ -368,7 +417,7 @@ pub fn parse_line(line: &str) -> Result<Line<'_>, ParseError> {
         });
     }
     let mut extra = Vec::new();
-    let diff = memchr::memchr(b'>', line.as_bytes()).is_some();
+    let diff = is_diff_form(line);
     let object = match obj {
         "resource" => Object::Resource(parse_resource(toks, diff, &mut extra)?),
         "device" => Object::Device(parse_device(toks, diff, &mut extra)?),
@@ -432,7 +481,7 @@ impl<'a> Iterator for Tokens<'a> {
 }
 
 /// Iterates `key:value` tokens, splitting at the first `:`;
-/// `--diff` values (`old->new`) are only looked for in lines that contain a '>'.
+/// `--diff` values (`old->new`) are only looked for in lines in diff form, never in identity values.
 fn pairs<'a>(
     toks: impl Iterator<Item = &'a str>,
     diff: bool,
@@ -440,7 +489,15 @@ fn pairs<'a>(
     toks.map(move |t| match memchr::memchr(b':', t.as_bytes()) {
         Some(i) if i > 0 => {
             let v = &t[i + 1..];
-            Ok((&t[..i], if diff { diff_new(v) } else { v }))
+            let k = &t[..i];
+            Ok((
+                k,
+                if diff && !is_identity(k) {
+                    diff_new(v)
+                } else {
+                    v
+                },
+            ))
         }
         _ => err(format!("field '{}' has no 'key:value' form", truncate(t))),
     })
@@ -921,6 +978,46 @@ mod tests {
             panic!()
         };
         assert_eq!(d.disk, Some(DiskState::UpToDate));
+    }
+
+    #[test]
+    fn a_greater_than_sign_in_a_name_is_part_of_the_name() {
+        let e = ev("exists resource name:a->b role:Secondary may_promote:no");
+        let Object::Resource(r) = e.object else {
+            panic!()
+        };
+        assert_eq!((r.name, r.role), ("a->b", Some(Role::Secondary)));
+        // names stay verbatim in a line that really is in --diff form
+        let e = ev("change peer-device name:x->y peer-node-id:1 conn-name:p->q volume:0 replication:Off->Established");
+        let Object::PeerDevice(p) = e.object else {
+            panic!()
+        };
+        assert_eq!(p.name, "x->y");
+        assert_eq!(p.conn_name, Some("p->q"));
+        assert_eq!(p.replication, Some(ReplState::Established));
+        // a path with '->' is a path unless the line is in diff form
+        let e = ev("exists device name:a>b volume:0 minor:1 backing_dev:/dev/x->y disk:UpToDate");
+        let Object::Device(d) = e.object else {
+            panic!()
+        };
+        assert_eq!((d.name, d.backing_dev), ("a>b", Some("/dev/x->y")));
+        let e = ev("change device name:r volume:0 minor:1 backing_dev:none->/dev/sda disk:Diskless->UpToDate");
+        let Object::Device(d) = e.object else {
+            panic!()
+        };
+        assert_eq!(d.backing_dev, Some("/dev/sda"));
+    }
+
+    #[test]
+    fn ansi_stripping_never_changes_names() {
+        let line = "exists connection name:r\x1b[31mx peer-node-id:1 conn-name:p\x1b[0m connection:\x1b[1;32mConnected\x1b[0m role:Secondary";
+        let clean = strip_ansi(line);
+        let Object::Connection(c) = ev(&clean).object else {
+            panic!()
+        };
+        assert_eq!(c.name, "r\x1b[31mx");
+        assert_eq!(c.conn_name, Some("p\x1b[0m"));
+        assert_eq!(c.connection, Some(ConnState::Connected));
     }
 
     #[test]

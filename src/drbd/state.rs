@@ -148,17 +148,25 @@ fn set_str(dst: &mut String, src: Option<&str>) {
     }
 }
 
-fn merge_extra(dst: &mut Vec<(String, String)>, extra: &[(&str, &str)]) {
+/// Unknown keys kept per object (a newer drbdsetup adds a few; see docs/reliability.md).
+pub const MAX_EXTRA_KEYS: usize = 64;
+
+/// Merges unknown keys, keeping at most [`MAX_EXTRA_KEYS`]; returns how many new keys were left out.
+fn merge_extra(dst: &mut Vec<(String, String)>, extra: &[(&str, &str)]) -> usize {
+    let mut left_out = 0;
     for (k, v) in extra {
+        let full = dst.len() >= MAX_EXTRA_KEYS;
         match dst.iter_mut().find(|(dk, _)| dk == k) {
             Some((_, dv)) => {
                 if dv != v {
                     *dv = v.to_string()
                 }
             }
+            None if full => left_out += 1,
             None => dst.push((k.to_string(), v.to_string())),
         }
     }
+    left_out
 }
 
 impl Resource {
@@ -169,7 +177,8 @@ impl Resource {
         }
     }
 
-    pub fn merge(&mut self, f: &ResourceFields, extra: &[(&str, &str)]) {
+    /// Returns how many unknown keys were left out (over the cap).
+    pub fn merge(&mut self, f: &ResourceFields, extra: &[(&str, &str)]) -> usize {
         set_ref(&mut self.role, &f.role);
         set_ref(&mut self.suspended, &f.suspended);
         set(&mut self.force_io_failures, f.force_io_failures);
@@ -178,7 +187,7 @@ impl Resource {
         }
         set(&mut self.may_promote, f.may_promote);
         set(&mut self.promotion_score, f.promotion_score);
-        merge_extra(&mut self.extra, extra);
+        merge_extra(&mut self.extra, extra)
     }
 
     /// Local role is Primary, or any peer is.
@@ -199,7 +208,8 @@ impl Device {
         }
     }
 
-    pub fn merge(&mut self, f: &DeviceFields, extra: &[(&str, &str)]) {
+    /// Returns how many unknown keys were left out (over the cap).
+    pub fn merge(&mut self, f: &DeviceFields, extra: &[(&str, &str)]) -> usize {
         set(&mut self.minor, f.minor.map(Some));
         if let Some(b) = f.backing_dev {
             let b = (b != "none").then_some(b);
@@ -220,7 +230,7 @@ impl Device {
         set(&mut self.lower_pending, f.lower_pending);
         set(&mut self.al_suspended, f.al_suspended);
         set_ref(&mut self.blocked, &f.blocked);
-        merge_extra(&mut self.extra, extra);
+        merge_extra(&mut self.extra, extra)
     }
 
     /// Diskless without being an intentional diskless client.
@@ -237,14 +247,15 @@ impl Connection {
         }
     }
 
-    pub fn merge(&mut self, f: &ConnectionFields, extra: &[(&str, &str)]) {
+    /// Returns how many unknown keys were left out (over the cap).
+    pub fn merge(&mut self, f: &ConnectionFields, extra: &[(&str, &str)]) -> usize {
         set_str(&mut self.conn_name, f.conn_name);
         set_ref(&mut self.connection, &f.connection);
         set_ref(&mut self.peer_role, &f.role);
         set(&mut self.congested, f.congested);
         set(&mut self.ap_in_flight, f.ap_in_flight);
         set(&mut self.rs_in_flight, f.rs_in_flight);
-        merge_extra(&mut self.extra, extra);
+        merge_extra(&mut self.extra, extra)
     }
 
     pub fn path_mut(&mut self, local: &str, peer: &str) -> Option<&mut Path> {
@@ -262,7 +273,8 @@ impl PeerDevice {
         }
     }
 
-    pub fn merge(&mut self, f: &PeerDeviceFields, extra: &[(&str, &str)]) {
+    /// Returns how many unknown keys were left out (over the cap).
+    pub fn merge(&mut self, f: &PeerDeviceFields, extra: &[(&str, &str)]) -> usize {
         set_ref(&mut self.replication, &f.replication);
         set_ref(&mut self.peer_disk, &f.peer_disk);
         set(&mut self.peer_client, f.peer_client);
@@ -290,7 +302,7 @@ impl PeerDevice {
         if f.sync != SyncFields::default() && self.details != f.sync && f.done.is_some() {
             self.details = f.sync.clone();
         }
-        merge_extra(&mut self.extra, extra);
+        merge_extra(&mut self.extra, extra)
     }
 }
 

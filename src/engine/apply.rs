@@ -43,11 +43,63 @@ pub struct State {
     /// Set while an `exists` dump after a drbdsetup restart is being read.
     resync: Option<HashSet<ObjKey>>,
     initial_dump_complete: bool,
+    caps: Caps,
+    /// Objects and keys left out over the caps since the last [`State::take_capped`].
+    capped: u64,
+    /// The first of them: (resource, what).
+    capped_first: Option<(String, &'static str)>,
+}
+
+/// How much one resource may hold; what a line adds beyond is left out and counted. Generous for real
+/// DRBD (see docs/reliability.md): they bound memory and the cost of a line, not configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Devices (volumes) of a resource, and peer devices of a connection.
+    pub volumes: usize,
+    /// Connections of a resource (DRBD has at most 31 peers).
+    pub connections: usize,
+    /// Paths of a connection.
+    pub paths: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Caps {
+        Caps {
+            volumes: 1024,
+            connections: 64,
+            paths: 64,
+        }
+    }
 }
 
 impl State {
     pub fn new() -> State {
         State::default()
+    }
+
+    /// What was left out over the caps since the last call: (count, first resource, first kind).
+    pub fn take_capped(&mut self) -> Option<(u64, String, &'static str)> {
+        let n = std::mem::take(&mut self.capped);
+        let first = self.capped_first.take();
+        first.map(|(r, what)| (n, r, what))
+    }
+
+    fn cap(&mut self, n: usize, resource: &str, what: &'static str) {
+        if n > 0 {
+            self.capped += n as u64;
+            self.capped_first
+                .get_or_insert_with(|| (resource.to_string(), what));
+        }
+    }
+
+    /// Whether resource `i` may get one more connection `peer`.
+    fn connection_fits(&mut self, i: usize, name: &str, peer: u32) -> bool {
+        let conns = &self.slots[i].res.connections;
+        if conns.contains_key(&peer) || conns.len() < self.caps.connections {
+            return true;
+        }
+        self.cap(1, name, "connections");
+        false
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
@@ -287,8 +339,10 @@ impl State {
                 } else {
                     ResourceState::from(&*r)
                 };
-                r.merge(f, extra);
-                let new = ResourceState::from(&*r);
+                let left_out = r.merge(f, extra);
+                self.cap(left_out, name, "unknown keys");
+                let r = &self.slots[i].res;
+                let new = ResourceState::from(&**r);
                 if created || old != new {
                     self.push(out, verb, i, Change::Resource { old, new });
                 }
@@ -398,6 +452,10 @@ impl State {
             return;
         }
         let (i, _) = self.slot(name);
+        let devs = &self.slots[i].res.devices;
+        if !devs.contains_key(&f.volume) && devs.len() >= self.caps.volumes {
+            return self.cap(1, name, "volumes");
+        }
         self.seen(|| ObjKey::Device(Arc::from(name), f.volume));
         let (d, created) = self
             .res_mut(i)
@@ -408,8 +466,9 @@ impl State {
         } else {
             DeviceState::from(&*d)
         };
-        d.merge(f, extra);
+        let left_out = d.merge(f, extra);
         let new = DeviceState::from(&*d);
+        self.cap(left_out, name, "unknown keys");
         if created || old != new {
             self.push(
                 out,
@@ -441,6 +500,9 @@ impl State {
         }
         let (i, _) = self.slot(name);
         let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        if !self.connection_fits(i, name, peer) {
+            return;
+        }
         self.seen(|| ObjKey::Connection(Arc::from(name), peer));
         let (c, created) = self
             .res_mut(i)
@@ -451,8 +513,9 @@ impl State {
         } else {
             ConnectionState::from(&*c)
         };
-        c.merge(f, extra);
+        let left_out = c.merge(f, extra);
         let new = ConnectionState::from(&*c);
+        self.cap(left_out, name, "unknown keys");
         if created || old != new {
             self.push(
                 out,
@@ -514,6 +577,15 @@ impl State {
         }
         let (i, _) = self.slot(name);
         let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        if !self.connection_fits(i, name, peer) {
+            return;
+        }
+        let fits = self.slots[i].res.connections.get(&peer).is_none_or(|c| {
+            c.peer_devices.contains_key(&f.volume) || c.peer_devices.len() < self.caps.volumes
+        });
+        if !fits {
+            return self.cap(1, name, "volumes");
+        }
         self.seen(|| ObjKey::PeerDevice(Arc::from(name), peer, f.volume));
         let c = Self::conn_mut(self.res_mut(i), peer, f.conn_name);
         let (p, created) = c
@@ -524,8 +596,9 @@ impl State {
         } else {
             PeerDeviceState::from(&*p)
         };
-        p.merge(f, extra);
+        let left_out = p.merge(f, extra);
         let new = PeerDeviceState::from(&*p);
+        self.cap(left_out, name, "unknown keys");
         if created || old != new {
             self.push(
                 out,
@@ -561,6 +634,18 @@ impl State {
         }
         let (i, _) = self.slot(name);
         let peer = Self::resolve_peer(&self.slots[i].res, f.peer_node_id, f.conn_name);
+        if !self.connection_fits(i, name, peer) {
+            return;
+        }
+        let fits = self.slots[i].res.connections.get(&peer).is_none_or(|c| {
+            c.paths.len() < self.caps.paths
+                || c.paths
+                    .iter()
+                    .any(|p| p.local == f.local && p.peer == f.peer)
+        });
+        if !fits {
+            return self.cap(1, name, "paths");
+        }
         self.seen(|| {
             ObjKey::Path(
                 Arc::from(name),

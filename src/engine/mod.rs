@@ -9,8 +9,9 @@ pub mod runtime;
 pub mod update;
 
 use crate::drbd::events2::{parse_line, strip_ansi};
+use crate::ratelimit::LogLimit;
 use apply::State;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use update::Update;
 
 /// Counts of one chunk of input.
@@ -18,51 +19,34 @@ use update::Update;
 pub struct ChunkStats {
     pub lines: u64,
     pub malformed: u64,
+    /// Objects and unknown keys left out over the state's caps.
+    pub capped: u64,
 }
 
 /// Logs malformed lines without flooding: at most `burst` lines per `window`, then one summary.
 #[derive(Debug)]
 pub struct LogLimiter {
-    window: Duration,
-    burst: u32,
-    start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
+    limit: LogLimit,
 }
 
 impl LogLimiter {
     pub fn new(burst: u32, window: Duration) -> LogLimiter {
         LogLimiter {
-            window,
-            burst,
-            start: None,
-            logged: 0,
-            suppressed: 0,
+            limit: LogLimit::new(burst, window),
         }
     }
 
     pub fn malformed(&mut self, line: &str, reason: &str) {
-        let now = Instant::now();
-        if self
-            .start
-            .is_none_or(|s| now.duration_since(s) > self.window)
-        {
-            if self.suppressed > 0 {
-                tracing::warn!(
-                    suppressed = self.suppressed,
-                    "more malformed events2 lines were skipped without logging"
-                );
-            }
-            self.start = Some(now);
-            self.logged = 0;
-            self.suppressed = 0;
+        let v = self.limit.hit();
+        if v.suppressed_before > 0 {
+            tracing::warn!(
+                suppressed = v.suppressed_before,
+                "more malformed events2 lines were skipped without logging"
+            );
         }
-        if self.logged < self.burst {
-            self.logged += 1;
+        if v.log {
             let shown: String = line.chars().take(512).collect();
             tracing::warn!(reason, line = %shown, "skipping malformed events2 line");
-        } else {
-            self.suppressed += 1;
         }
     }
 }
@@ -70,6 +54,7 @@ impl LogLimiter {
 pub struct Engine {
     pub state: State,
     limiter: LogLimiter,
+    capped: LogLimit,
 }
 
 impl Default for Engine {
@@ -80,10 +65,33 @@ impl Default for Engine {
 
 impl Engine {
     pub fn new() -> Engine {
+        Engine::with_state(State::new())
+    }
+
+    pub fn with_state(state: State) -> Engine {
         Engine {
-            state: State::new(),
+            state,
             limiter: LogLimiter::new(20, Duration::from_secs(60)),
+            capped: LogLimit::new(10, Duration::from_secs(60)),
         }
+    }
+
+    /// Counts and logs (rate-limited) what the last lines added beyond the state's caps.
+    fn note_capped(&mut self) -> u64 {
+        let Some((n, resource, what)) = self.state.take_capped() else {
+            return 0;
+        };
+        let v = self.capped.hit();
+        if v.log || v.suppressed_before > 0 {
+            tracing::warn!(
+                %resource,
+                what,
+                left_out = n,
+                not_logged_before = v.suppressed_before,
+                "over the state's limit: left out (counted in drbdreactor_events2_capped_total; at most 10 such lines a minute)"
+            );
+        }
+        n
     }
 
     /// Applies one line (without its newline); a malformed line is logged (rate-limited) and skipped.
@@ -136,6 +144,7 @@ impl Engine {
                 }
             }
         }
+        st.capped = self.note_capped();
         st
     }
 }

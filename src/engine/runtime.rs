@@ -330,6 +330,7 @@ impl Runtime {
         let st = self.engine.apply_chunk(bytes, &mut out);
         self.metrics.lines.inc_by(st.lines);
         self.metrics.malformed.inc_by(st.malformed);
+        self.metrics.capped.inc_by(st.capped);
         let done = self.engine.state.initial_dump_complete();
         self.health
             .initial_dump_complete
@@ -707,23 +708,35 @@ impl Runtime {
         }
     }
 
+    /// Stops every instance, newest first, within `stop_timeout` in all: an instance still running at the
+    /// deadline (a long backlog, a run that takes its time) is aborted, which kills what it started.
     async fn shutdown(&mut self) {
         let deadline = Instant::now() + self.cfg.stop_timeout;
         let mut insts: Vec<Instance> = std::mem::take(&mut self.instances).into_values().collect();
         insts.sort_by_key(|i| std::cmp::Reverse(i.seq));
+        let mut tasks = Vec::new();
         for mut inst in insts {
             Self::close_outbox(&self.engine.state, &mut inst.outbox);
             if let Some(t) = inst.task.take() {
-                if tokio::time::timeout_at(deadline, t).await.is_err() {
-                    tracing::warn!(instance = %inst.spec.id, "plugin instance did not stop in time");
-                }
+                tasks.push((inst.spec.id.clone(), t));
             }
         }
-        for (id, t) in std::mem::take(&mut self.stopping) {
-            if tokio::time::timeout_at(deadline, t).await.is_err() {
-                tracing::warn!(instance = %id, "plugin instance did not stop in time");
+        tasks.extend(std::mem::take(&mut self.stopping));
+        let mut aborted = Vec::new();
+        for (id, mut t) in tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!(instance = %id, "plugin instance did not stop in time: aborted");
+                t.abort();
+                aborted.push(t);
             }
         }
+        // An aborted task ends at its next await (dropping what it started); one that never yields is
+        // left behind.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::future::join_all(aborted),
+        )
+        .await;
         self.update_instance_gauges();
     }
 }

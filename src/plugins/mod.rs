@@ -538,6 +538,9 @@ pub fn channel_with(sub: Subscription, fetch: Option<Arc<FetchRequests>>) -> (Ou
 impl Inbox {
     /// The next delivery; `None` once the engine closed the inbox and everything queued was delivered.
     pub async fn recv(&mut self) -> Option<Delivery> {
+        // Items already queued are taken without waiting; the budget makes a reader with a long backlog
+        // yield now and then, so that it shares its worker and can be aborted (shutdown deadline).
+        tokio::task::coop::consume_budget().await;
         loop {
             // Change updates first, as they come.
             if let Some(rx) = self.changes.as_mut() {

@@ -42,17 +42,35 @@ pub fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, String>> {
         if !path.is_file() {
             continue;
         }
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                out.insert(path, s);
-            }
-            // Unreadable (e.g. not UTF-8): report it as a file whose content cannot be parsed.
-            Err(e) => {
-                out.insert(path, format!("\u{0}unreadable: {e}"));
-            }
-        }
+        // Unreadable, too large or not UTF-8: reported as a file whose content cannot be parsed.
+        let content = read_bounded(&path).unwrap_or_else(|e| format!("\u{0}{e}"));
+        out.insert(path, content);
     }
     Ok(out)
+}
+
+/// The largest policy file read: a ConfigMap holds at most 1 MiB, and a policy is a few KiB.
+pub const MAX_POLICY_FILE: u64 = 1024 * 1024;
+
+/// Reads a policy file of at most [`MAX_POLICY_FILE`] bytes without reading more of a larger one.
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let too_large = |n: u64| {
+        format!("too large: {n} bytes or more, the limit is {MAX_POLICY_FILE} bytes (1 MiB); the file was not read")
+    };
+    let f = std::fs::File::open(path).map_err(|e| format!("unreadable: {e}"))?;
+    let len = f.metadata().map_err(|e| format!("unreadable: {e}"))?.len();
+    if len > MAX_POLICY_FILE {
+        return Err(too_large(len));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_POLICY_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("unreadable: {e}"))?;
+    if buf.len() as u64 > MAX_POLICY_FILE {
+        return Err(too_large(buf.len() as u64)); // it grew while being read
+    }
+    String::from_utf8(buf).map_err(|e| format!("unreadable: not UTF-8 ({e})"))
 }
 
 /// What only Kubernetes mode can do (ConfigMap scripts) is rejected with the field that asks for it.
@@ -211,6 +229,62 @@ mod tests {
         assert_eq!(ps.len(), 1);
         assert_eq!(probs[0].file, "/p/b.yaml");
         assert!(probs[0].error.contains("already defined in /p/a.yaml"));
+    }
+
+    #[test]
+    fn a_huge_or_deeply_nested_file_is_rejected_and_the_previous_policies_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        std::fs::write(&a, doc("a", "log")).unwrap();
+        let mut d = PolicyDir::new();
+        assert!(d.update(read_dir(dir.path()).unwrap()).is_empty());
+        // 1 GiB (sparse): rejected without being read
+        std::fs::File::create(&a).unwrap().set_len(1 << 30).unwrap();
+        let f = read_dir(dir.path()).unwrap();
+        assert!(f[&a].len() < 200, "the content was read");
+        let problems = d.update(f);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].error.starts_with("too large: 1073741824 bytes"),
+            "{}",
+            problems[0].error
+        );
+        assert_eq!(d.policies().0.len(), 1, "the policy in force stays");
+        // deeply nested, under the size limit: a clear error, quickly
+        let deep = format!("{}{}", "[".repeat(500_000), "]".repeat(500_000));
+        std::fs::write(&a, deep).unwrap();
+        let t = std::time::Instant::now();
+        let problems = d.update(read_dir(dir.path()).unwrap());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].error.contains("nested deeper than 128 levels"),
+            "{}",
+            problems[0].error
+        );
+        // as deep block nesting, and a list of lists on one line
+        for deep in [
+            (0..200)
+                .map(|i| format!("{}a{i}:\n", " ".repeat(i)))
+                .collect::<String>(),
+            "- ".repeat(300_000) + "x\n",
+        ] {
+            std::fs::write(&a, deep).unwrap();
+            let problems = d.update(read_dir(dir.path()).unwrap());
+            assert!(
+                problems[0].error.contains("nested deeper"),
+                "{}",
+                problems[0].error
+            );
+        }
+        // a real policy's nesting passes
+        std::fs::write(&a, doc("a", "stdout")).unwrap();
+        assert!(d.update(read_dir(dir.path()).unwrap()).is_empty());
+        assert_eq!(d.policies().0.len(), 1, "the policy in force stays");
     }
 
     #[test]

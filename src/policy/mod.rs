@@ -103,6 +103,57 @@ pub enum PolicyError {
     Invalid { path: String, message: String },
     #[error("YAML: {0}")]
     Yaml(String),
+    #[error("YAML: nested deeper than {limit} levels (indentation, list markers and open brackets) at line {line}; not parsed")]
+    TooDeep { line: usize, limit: usize },
+}
+
+/// Nesting allowed in a policy text, counted cheaply before parsing: a policy nests about 10 levels, and
+/// the YAML parser spends seconds on a megabyte of brackets before its own limit stops it.
+pub const MAX_NESTING: usize = 128;
+
+/// Rejects text nested deeper than [`MAX_NESTING`]: per line, the indentation, the `- `/`? ` markers and
+/// the flow brackets open so far (outside quotes and comments). Linear in the text; over-counts rather
+/// than under-counts.
+fn check_nesting(text: &str) -> Result<(), PolicyError> {
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let too_deep = || PolicyError::TooDeep {
+            line: n + 1,
+            limit: MAX_NESTING,
+        };
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        let mut rest = &line[indent..];
+        let mut depth = indent;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")) {
+            depth += 1;
+            rest = r.trim_start_matches(' ');
+        }
+        if depth + flow > MAX_NESTING {
+            return Err(too_deep());
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') if matches!(prev, ' ' | '[' | '{' | ',' | ':') => {
+                    quote = Some(c)
+                }
+                (None, '#') if prev == ' ' => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if depth + flow > MAX_NESTING {
+                        return Err(too_deep());
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    Ok(())
 }
 
 fn invalid(path: &str, message: impl Into<String>) -> PolicyError {
@@ -114,6 +165,7 @@ fn invalid(path: &str, message: impl Into<String>) -> PolicyError {
 
 /// Parses every YAML document in `text` into policies, with errors that name the field.
 pub fn parse_documents(text: &str) -> Result<Vec<ReactorPolicy>, PolicyError> {
+    check_nesting(text)?;
     let mut out = Vec::new();
     for de in serde_yaml::Deserializer::from_str(text) {
         let value =

@@ -3,9 +3,10 @@
 //! when it exits or cannot start.
 
 use crate::engine::runtime::SourceMsg;
+use crate::ratelimit::LogLimit;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -17,6 +18,8 @@ pub struct SourceConfig {
     pub statistics_interval: Duration,
     /// Lines longer than this are skipped as malformed.
     pub max_line: usize,
+    /// Bytes of one stderr line that are logged; the rest is counted, not kept.
+    pub max_stderr_line: usize,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -27,6 +30,7 @@ impl SourceConfig {
             drbdsetup,
             statistics_interval,
             max_line: 64 * 1024,
+            max_stderr_line: 4096,
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
         }
@@ -127,12 +131,7 @@ async fn pump(
     let mut stdout = child.stdout.take().expect("piped");
     let stdin = child.stdin.take();
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                tracing::warn!(target: "drbdsetup", "{l}");
-            }
-        });
+        tokio::spawn(log_stderr(stderr, cfg.max_stderr_line));
     }
     let poker = stdin.map(|mut stdin| {
         let every = cfg.statistics_interval;
@@ -193,6 +192,95 @@ async fn pump(
             };
             Pump::Exited(format!("drbdsetup events2 exited ({status})"))
         }
+    }
+}
+
+/// Logs drbdsetup's stderr until it closes: never stops reading early (a reader that gave up would make
+/// drbdsetup die of SIGPIPE at its next message), keeps at most `max` bytes of a line, replaces invalid
+/// UTF-8, and logs at most 50 lines a minute (then a summary).
+async fn log_stderr(mut stderr: impl AsyncRead + Unpin, max: usize) {
+    let mut lines = LogLines::new(max);
+    let mut limit = LogLimit::new(50, Duration::from_secs(60));
+    let mut log = |l: String| {
+        let v = limit.hit();
+        if v.suppressed_before > 0 {
+            tracing::warn!(target: "drbdsetup", suppressed = v.suppressed_before, "more drbdsetup stderr lines were not logged");
+        }
+        if v.log {
+            tracing::warn!(target: "drbdsetup", "{l}");
+        }
+    };
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => lines.push(&buf[..n]).into_iter().for_each(&mut log),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(target: "drbdsetup", error = %e, "reading drbdsetup's stderr failed");
+                break;
+            }
+        }
+    }
+    if let Some(l) = lines.finish() {
+        log(l);
+    }
+}
+
+/// Splits a byte stream into log lines of at most `max` bytes (plus a note of what was cut), with
+/// invalid UTF-8 replaced: memory stays bounded whatever the stream holds.
+#[derive(Debug)]
+pub struct LogLines {
+    max: usize,
+    partial: Vec<u8>,
+    /// Bytes of the current line beyond `max`, not kept.
+    cut: usize,
+}
+
+impl LogLines {
+    pub fn new(max: usize) -> LogLines {
+        LogLines {
+            max,
+            partial: Vec::new(),
+            cut: 0,
+        }
+    }
+
+    pub fn push(&mut self, mut data: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let (piece, newline) = match memchr(data) {
+                Some(i) => (&data[..i], Some(i)),
+                None => (data, None),
+            };
+            let room = self.max - self.partial.len();
+            let kept = piece.len().min(room);
+            self.partial.extend_from_slice(&piece[..kept]);
+            self.cut += piece.len() - kept;
+            match newline {
+                Some(i) => {
+                    out.push(self.take());
+                    data = &data[i + 1..];
+                }
+                None => return out,
+            }
+        }
+    }
+
+    fn take(&mut self) -> String {
+        let raw = self.partial.strip_suffix(b"\r").unwrap_or(&self.partial);
+        let mut l = String::from_utf8_lossy(raw).into_owned();
+        if self.cut > 0 {
+            l.push_str(&format!(" [{} more bytes not shown]", self.cut));
+        }
+        self.partial.clear();
+        self.cut = 0;
+        l
+    }
+
+    /// End of stream: the last line without a newline, if any.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty() || self.cut > 0).then(|| self.take())
     }
 }
 
@@ -337,6 +425,28 @@ mod tests {
             chunks(&out),
             vec!["REJECT line longer than 10 bytes", "a\nb\n"]
         );
+    }
+
+    #[test]
+    fn stderr_lines_are_bounded_and_lossy() {
+        let mut l = LogLines::new(16);
+        assert_eq!(l.push(b"bad \xff byte\r\nnext"), vec!["bad \u{fffd} byte"]);
+        // 300 MB without a newline: at most 16 bytes are kept
+        let mb = vec![b'x'; 1 << 20];
+        for _ in 0..300 {
+            assert!(l.push(&mb).is_empty());
+            assert!(l.partial.len() <= 16);
+        }
+        let out = l.push(b"\nlast");
+        assert_eq!(
+            out,
+            vec![format!(
+                "nextxxxxxxxxxxxx [{} more bytes not shown]",
+                300 * (1 << 20) - 12
+            )]
+        );
+        assert_eq!(l.finish().as_deref(), Some("last"));
+        assert_eq!(l.finish(), None);
     }
 
     #[test]

@@ -6,6 +6,16 @@ pub mod agent;
 pub mod lab;
 pub mod systemd;
 
+/// `n` events2 lines that flip resource `name` between Primary and Secondary (each one a change).
+pub fn role_flips(name: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let role = if i % 2 == 0 { "Primary" } else { "Secondary" };
+            format!("change resource name:{name} role:{role} suspended:no force-io-failures:no may_promote:no promotion_score:0\n")
+        })
+        .collect()
+}
+
 /// xorshift64*: deterministic, seedable, no dependency.
 pub struct Rng(u64);
 

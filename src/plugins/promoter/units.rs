@@ -133,12 +133,15 @@ pub fn exec_line(argv: &[String]) -> String {
 }
 
 /// An `Environment=` assignment: everything outside `[./:_0-9A-Za-z]` in the value as `\xNN` (systemd
-/// decodes C escapes there, and `%` cannot be read as a specifier), like upstream.
+/// decodes C escapes there), like upstream, except `%`: systemd expands specifiers *after* decoding the
+/// escapes, so a `\x25` would become a specifier again; `%%` is what reaches the process as `%`.
 pub fn env_assignment(key: &str, value: &str) -> String {
     let mut v = String::new();
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b':' | b'_') {
             v.push(b as char);
+        } else if b == b'%' {
+            v.push_str("%%");
         } else {
             v.push_str(&format!("\\x{b:02x}"));
         }
@@ -402,8 +405,64 @@ mod tests {
         assert_eq!(exec_arg("a\nb"), "\"a\\x0ab\"");
         assert_eq!(
             env_assignment("OCF_RESKEY_dir", "/srv/my data%"),
-            "Environment=\"OCF_RESKEY_dir=/srv/my\\x20data\\x25\""
+            "Environment=\"OCF_RESKEY_dir=/srv/my\\x20data%%\""
         );
+    }
+
+    /// What systemd makes of an `Environment="K=V"` line: C escapes decoded first, then specifiers
+    /// expanded (`%%` is `%`; any other specifier is marked, as it would be replaced by a unit value).
+    fn systemd_environment(line: &str) -> (String, String) {
+        let quoted = line
+            .strip_prefix("Environment=\"")
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("quoted assignment");
+        let mut bytes = Vec::new();
+        let mut it = quoted.bytes();
+        while let Some(b) = it.next() {
+            if b == b'\\' {
+                let x = it.next();
+                assert_eq!(x, Some(b'x'), "only \\xNN escapes are generated");
+                let hex: Vec<u8> = it.by_ref().take(2).collect();
+                bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).unwrap(), 16).unwrap());
+            } else {
+                bytes.push(b);
+            }
+        }
+        let unescaped = String::from_utf8(bytes).unwrap();
+        let mut out = String::new();
+        let mut chars = unescaped.chars();
+        while let Some(c) = chars.next() {
+            if c == '%' {
+                match chars.next() {
+                    Some('%') => out.push('%'),
+                    other => out.push_str(&format!("<specifier {other:?}>")),
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        let (k, v) = out.split_once('=').unwrap();
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn ocf_parameters_with_percent_round_trip_through_systemd_parsing() {
+        for v in [
+            "50%",
+            "%i",
+            "%%n",
+            "a%Hb",
+            "100% \\x25 \"q\" $HOME é",
+            "\\",
+            "",
+        ] {
+            let line = env_assignment("OCF_RESKEY_p", v);
+            assert_eq!(
+                systemd_environment(&line),
+                ("OCF_RESKEY_p".to_string(), v.to_string()),
+                "{line}"
+            );
+        }
     }
 
     /// The full content of every file for a resource with all features, as a golden text.

@@ -19,6 +19,7 @@ pub mod spec;
 
 use super::{Delivery, Inbox, InstanceSpec, Plugin, PluginCtx, PluginError, Subscription};
 use crate::engine::update::Update;
+use crate::ratelimit::LogLimit;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rules::{Action, Compiled, UmhError};
@@ -415,12 +416,13 @@ impl Plugin for Umh {
             let mut running: tokio::task::JoinSet<(bool, bool)> = tokio::task::JoinSet::new();
             let mut keys: std::collections::HashMap<tokio::task::Id, String> =
                 std::collections::HashMap::new();
+            let mut drop_log = LogLimit::new(10, Duration::from_secs(60));
             let mut detail = Detail {
                 rules: me.compiled.rules.len(),
                 ..Default::default()
             };
             for r in &me.compiled.rules {
-                for res in ["0", "timeout"] {
+                for res in ["0", "timeout", "dropped"] {
                     ctx.metrics
                         .umh_runs
                         .with_label_values(&[&me.policy, &r.name, res]);
@@ -481,7 +483,10 @@ impl Plugin for Umh {
                                     let rule = &me.compiled.rules[job.rule];
                                     detail.dropped += 1;
                                     count(&rule.name, "dropped");
-                                    tracing::error!(target: "umh", instance = %ctx.id, rule = %rule.name, resource = %job.resource, max_queued = limits.max_queued, "run queue full: run dropped");
+                                    let v = drop_log.hit();
+                                    if v.log || v.suppressed_before > 0 {
+                                        tracing::warn!(target: "umh", instance = %ctx.id, rule = %rule.name, resource = %job.resource, max_queued = limits.max_queued, dropped_total = detail.dropped, not_logged = v.suppressed_before, "run queue full: run dropped (counted in drbdreactor_umh_runs_total{{result=\"dropped\"}}; at most 10 such lines a minute)");
+                                    }
                                 }
                             }
                         }
