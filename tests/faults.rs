@@ -642,8 +642,8 @@ fn sigterm_with_a_large_backlog_exits_within_the_stop_timeout() {
     eprintln!("figure: SIGTERM to exit with a backlog of ~20 000 updates: {took:?}");
     assert!(status.is_some(), "still running {took:?} after SIGTERM");
     assert!(
-        took < Duration::from_millis(9500),
-        "exit took {took:?}, the stop timeout is 8 s"
+        took < Duration::from_millis(8500),
+        "exit took {took:?}: 8 s in all is documented (0.5 s more for this test's polling)"
     );
 }
 

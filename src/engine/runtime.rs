@@ -81,7 +81,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             node_name: String::new(),
             max_queued: 100_000,
-            stop_timeout: Duration::from_secs(8),
+            stop_timeout: Duration::from_secs(7),
             restart_backoff: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(60),
             events: crate::plugins::EventSink::default(),
