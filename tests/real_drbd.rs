@@ -359,6 +359,9 @@ fn sim_agrees(real: &str) {
         "simulator vs this run of real DRBD: {} objects compared",
         report.objects.len()
     );
+    for t in &report.truncated {
+        eprintln!("  {t}");
+    }
     assert!(
         report.is_same(),
         "the simulator differs from this run of real DRBD:\n{report}"
@@ -499,12 +502,13 @@ fn state_truth() {
         assert_eq!(bad, 0, "node{n}: malformed lines in real drbdsetup output");
     }
     let text = cap.stop();
-    sim_agrees(&text);
+    // saved first, so that a run the simulator disagrees with can be looked at
     save_capture(
         "state-truth-node1-full",
         "events2 --full --poll on node1 during state_truth: up, initial sync, demote/promote, link 1-2 cut with 4 MiB written, resync, node2 power cut, link 1-3 cut (quorum lost), healed, node2 reboot and resync, node3 down, node1 down",
         &text,
     );
+    sim_agrees(&text);
     for n in 1..=3 {
         lab.stop_agent(n);
     }

@@ -82,6 +82,11 @@ pub struct Normalize {
     pub one_sided_keys: bool,
     /// Only these resources (empty: all).
     pub resources: BTreeSet<String>,
+    /// Compare a peer's objects only up to a failed handshake (see [`failed_handshakes`]) that one
+    /// side has and the other does not: real DRBD sometimes loses a connection during the handshake
+    /// after a reconnect and retries at once; what follows on that peer depends on where the handshake
+    /// broke. Listed in [`Report::truncated`].
+    pub cut_at_failed_handshake: bool,
 }
 
 impl Default for Normalize {
@@ -98,6 +103,7 @@ impl Default for Normalize {
             helpers: true,
             one_sided_keys: true,
             resources: BTreeSet::new(),
+            cut_at_failed_handshake: true,
         }
     }
 }
@@ -513,6 +519,8 @@ pub struct Report {
     pub malformed_left: Vec<(usize, String)>,
     pub malformed_right: Vec<(usize, String)>,
     pub dumps: (usize, usize),
+    /// Peers compared only up to a failed handshake ([`Normalize::cut_at_failed_handshake`]).
+    pub truncated: Vec<String>,
 }
 
 impl Report {
@@ -574,6 +582,9 @@ impl fmt::Display for Report {
                 self.right_name, self.keys_only_right
             )?;
         }
+        for t in &self.truncated {
+            writeln!(f, "compared up to a failed handshake: {t}")?;
+        }
         for o in &self.objects {
             let mark = if o.is_same() { "same" } else { "DIFFERS" };
             writeln!(f, "{} [{mark}]", o.key)?;
@@ -606,6 +617,10 @@ pub fn compare_named(
         a = traces_without(left, n, &drop);
         b = traces_without(right, n, &drop);
     }
+    let mut truncated = Vec::new();
+    if n.cut_at_failed_handshake {
+        truncated = cut_failed_handshakes(&mut a, &mut b, left_name, right_name);
+    }
     let keys: BTreeSet<&ObjKey> = a.objects.keys().chain(b.objects.keys()).collect();
     let empty = Vec::new();
     let objects = keys
@@ -635,5 +650,88 @@ pub fn compare_named(
         malformed_left: a.malformed,
         malformed_right: b.malformed,
         dumps: (a.dumps, b.dumps),
+        truncated,
     }
+}
+
+/// A connection's handshakes that failed: the index in its trace of a `connection:Connected` after
+/// which the connection broke again before any of its peer devices reached `replication:Established`
+/// (a link cut, a peer's power cut or `down` all come after replication was established).
+pub fn failed_handshakes(t: &Traces, conn: &ObjKey) -> Vec<usize> {
+    let Some(trace) = t.objects.get(conn) else {
+        return Vec::new();
+    };
+    fn state<'t>(tr: &'t Transition, k: &str) -> Option<&'t str> {
+        tr.state.get(k).map(String::as_str)
+    }
+    (0..trace.len().saturating_sub(1))
+        .filter(|&i| {
+            let (c, next) = (&trace[i], &trace[i + 1]);
+            state(c, "connection") == Some("Connected")
+                && next.verb == "change"
+                && state(next, "connection") != Some("Connected")
+                && !t.objects.iter().any(|(k, pd)| {
+                    k.kind == "peer-device"
+                        && k.resource == conn.resource
+                        && k.peer == conn.peer
+                        && pd.iter().any(|x| {
+                            x.line > c.line
+                                && x.line < next.line
+                                && state(x, "replication") == Some("Established")
+                        })
+                })
+        })
+        .collect()
+}
+
+/// Truncates, on both sides, the objects of a peer at the first failed handshake only one side has
+/// (on the other side: at the transition the alignment pairs with it); returns what was cut.
+fn cut_failed_handshakes(
+    a: &mut Traces,
+    b: &mut Traces,
+    a_name: &str,
+    b_name: &str,
+) -> Vec<String> {
+    let conns: Vec<ObjKey> = a
+        .objects
+        .keys()
+        .chain(b.objects.keys())
+        .filter(|k| k.kind == "connection")
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut notes = Vec::new();
+    for conn in conns {
+        let (fa, fb) = (failed_handshakes(a, &conn), failed_handshakes(b, &conn));
+        let empty = Vec::new();
+        let ta = a.objects.get(&conn).unwrap_or(&empty).clone();
+        let tb = b.objects.get(&conn).unwrap_or(&empty).clone();
+        let edits = align(&ta, &tb);
+        // the first failed handshake of one side with no paired failed handshake on the other
+        let cut = edits.iter().find_map(|e| match *e {
+            Edit::Same(i, j) if fb.contains(&j) && !fa.contains(&i) => {
+                Some((ta[i].line, tb[j].line, b_name))
+            }
+            Edit::Same(i, j) if fa.contains(&i) && !fb.contains(&j) => {
+                Some((ta[i].line, tb[j].line, a_name))
+            }
+            _ => None,
+        });
+        let Some((la, lb, side)) = cut else { continue };
+        let same_peer = |k: &ObjKey| k.resource == conn.resource && k.peer == conn.peer;
+        for (t, line) in [(&mut *a, la), (&mut *b, lb)] {
+            for (k, tr) in t.objects.iter_mut() {
+                if same_peer(k) {
+                    tr.retain(|x| x.line <= line);
+                }
+            }
+        }
+        notes.push(format!(
+            "{conn}: {side} lost the connection during a handshake (its line {}); the objects of this \
+             peer are compared up to there",
+            if side == a_name { la } else { lb }
+        ));
+    }
+    notes
 }
