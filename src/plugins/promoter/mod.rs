@@ -201,27 +201,88 @@ impl Promoter {
     }
 }
 
-/// Writes templates and every resource's files; returns whether systemd must reload.
+/// Writes templates and every resource's files; returns whether systemd must reload, and what failed. A
+/// resource whose files fail does not keep the others from theirs.
 fn write_files(
     dir: &UnitDir,
     files: &[(String, Vec<UnitFile>)],
     templates: Templates,
     search: &[PathBuf],
     any_systemd: bool,
-) -> Result<bool, String> {
+) -> (bool, Result<(), String>) {
     let mut changed = false;
+    let mut errors = Vec::new();
     if any_systemd {
-        changed |= match templates {
+        match match templates {
             Templates::Auto => dir.ensure_templates(&units::templates(), search),
             Templates::Always => dir.ensure_templates(&units::templates(), &[]),
             Templates::Never => Ok(false),
+        } {
+            Ok(c) => changed |= c,
+            Err(e) => errors.push(format!("templates: {e}")),
         }
-        .map_err(|e| e.to_string())?;
     }
     for (res, f) in files {
-        changed |= dir.sync_resource(res, f).map_err(|e| e.to_string())?;
+        match dir.sync_resource(res, f) {
+            Ok(c) => changed |= c,
+            Err(e) => errors.push(format!("{res}: {e}")),
+        }
     }
-    Ok(changed)
+    let r = if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    };
+    (changed, r)
+}
+
+/// First retry of unit files that could not be written; doubled up to [`FILES_RETRY_MAX`].
+pub const FILES_RETRY: Duration = Duration::from_secs(1);
+pub const FILES_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What an instance writes: its resources' files and, if any runs with systemd, the templates.
+#[derive(Clone)]
+struct FileSet {
+    dir: UnitDir,
+    batch: Vec<(String, Vec<UnitFile>)>,
+    templates: Templates,
+    search: Vec<PathBuf>,
+    any_systemd: bool,
+}
+
+impl FileSet {
+    /// Writes the files (on a blocking thread), then reloads systemd if anything changed. `Err` is the
+    /// reason the files are not in place (for `/status` and the retry).
+    async fn sync(
+        &self,
+        ctx: &PluginCtx,
+        manager: Option<&Arc<dyn ServiceManager>>,
+    ) -> Result<(), String> {
+        let t0 = Instant::now();
+        let me = self.clone();
+        let (changed, written) = tokio::task::spawn_blocking(move || {
+            write_files(&me.dir, &me.batch, me.templates, &me.search, me.any_systemd)
+        })
+        .await
+        .unwrap_or_else(|e| (false, Err(e.to_string())));
+        tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t0.elapsed().as_millis() as u64,
+            changed, result = ?written, "unit files written");
+        if changed {
+            if let Some(m) = manager {
+                let t0 = Instant::now();
+                if let Err(e) = m.reload().await {
+                    ctx.event(
+                        true,
+                        "ReloadFailed",
+                        format!("systemd daemon-reload failed: {e}"),
+                    );
+                }
+                tracing::debug!(target: "promoter", instance = %ctx.id,
+                    elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
+            }
+        }
+        written
+    }
 }
 
 /// What comes back from an effect task.
@@ -242,6 +303,8 @@ struct Driver {
     tx: mpsc::UnboundedSender<(usize, Back)>,
     ctx: PluginCtx,
     timing: Timing,
+    /// Why the unit files are not (all) written, while they are retried.
+    files_error: Option<String>,
 }
 
 impl Driver {
@@ -314,9 +377,14 @@ impl Driver {
         self.dirty = false;
         let now = Instant::now();
         let list: Vec<_> = self.res.iter().map(|r| r.status(now)).collect();
-        self.ctx
-            .detail
-            .set(serde_json::json!({ "resources": list }));
+        let mut detail = serde_json::json!({ "resources": list });
+        if let Some(e) = &self.files_error {
+            detail["unitFiles"] = serde_json::json!({
+                "state": crate::policy::status::STATE_DEGRADED,
+                "reason": e,
+            });
+        }
+        self.ctx.detail.set(detail);
     }
 }
 
@@ -349,33 +417,27 @@ impl Plugin for Promoter {
             let dir = UnitDir::new(&opts.unit_dir);
 
             // 1. Unit files, then one reload (on a slow host it takes seconds: 3-9 s on the QEMU guests
-            // of the real-DRBD lab, most of an agent's time to its first decision).
+            // of the real-DRBD lab, most of an agent's time to its first decision). Files that cannot
+            // be written are retried with a backoff, and shown as Degraded meanwhile.
             let t_setup = Instant::now();
-            let batch: Vec<(String, Vec<UnitFile>)> = me
-                .resources
-                .iter()
-                .map(|r| r.name.clone())
-                .zip(me.files.iter().cloned())
-                .collect();
-            let (d, t, s) = (dir.clone(), opts.templates, opts.template_search.clone());
-            let written = tokio::task::spawn_blocking(move || write_files(&d, &batch, t, &s, any_systemd))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t_setup.elapsed().as_millis() as u64,
-                changed = ?written, "unit files written");
-            match written {
-                Ok(true) => {
-                    if let Some(m) = &opts.manager {
-                        let t0 = Instant::now();
-                        if let Err(e) = m.reload().await {
-                            ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
-                        }
-                        tracing::debug!(target: "promoter", instance = %ctx.id,
-                            elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
+            let files = FileSet {
+                dir: dir.clone(),
+                batch: me
+                    .resources
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .zip(me.files.iter().cloned())
+                    .collect(),
+                templates: opts.templates,
+                search: opts.template_search.clone(),
+                any_systemd,
+            };
+            let mut files_error = files.sync(&ctx, opts.manager.as_ref()).await.err();
+            let mut files_backoff = FILES_RETRY;
+            let mut files_retry = None;
+            if let Some(e) = &files_error {
+                ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {e}", files_backoff.as_secs()));
+                files_retry = Some(Instant::now() + files_backoff);
             }
 
             // 2. The decision state, and what systemd says runs already.
@@ -401,6 +463,7 @@ impl Plugin for Promoter {
                 tx,
                 ctx: ctx.clone(),
                 timing: opts.timing.clone(),
+                files_error: files_error.clone(),
             };
             let observed = futures::future::join_all(me.resources.iter().map(|r| eff.observe(r))).await;
             for (i, o) in observed.into_iter().enumerate() {
@@ -463,6 +526,26 @@ impl Plugin for Promoter {
                                 run.step(i, Input::Tick);
                             }
                         }
+                    }
+                    _ = async { tokio::time::sleep_until(files_retry.expect("checked").into()).await }, if files_retry.is_some() => {
+                        match files.sync(&ctx, opts.manager.as_ref()).await {
+                            Ok(()) => {
+                                ctx.event(false, "UnitFiles", "unit files written");
+                                files_error = None;
+                                files_retry = None;
+                                files_backoff = FILES_RETRY;
+                            }
+                            Err(e) => {
+                                files_backoff = (files_backoff * 2).min(FILES_RETRY_MAX);
+                                if files_error.as_ref() != Some(&e) {
+                                    ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {e}", files_backoff.as_secs()));
+                                }
+                                files_error = Some(e);
+                                files_retry = Some(Instant::now() + files_backoff);
+                            }
+                        }
+                        run.files_error = files_error.clone();
+                        run.publish();
                     }
                     // Countdowns in the reasons ("waiting 3 s") refresh while a deadline is pending.
                     _ = publish.tick(), if run.dirty || wake.is_some() => run.publish(),
