@@ -201,6 +201,14 @@ impl Promoter {
     }
 }
 
+/// Unit files not (all) in place: which resources lack theirs (all of them when the templates
+/// failed), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesMissing {
+    pub resources: std::collections::BTreeSet<String>,
+    pub reason: String,
+}
+
 /// Writes templates and every resource's files; returns whether systemd must reload, and what failed. A
 /// resource whose files fail does not keep the others from theirs.
 fn write_files(
@@ -209,9 +217,10 @@ fn write_files(
     templates: Templates,
     search: &[PathBuf],
     any_systemd: bool,
-) -> (bool, Result<(), String>) {
+) -> (bool, Result<(), FilesMissing>) {
     let mut changed = false;
     let mut errors = Vec::new();
+    let mut missing = std::collections::BTreeSet::new();
     if any_systemd {
         match match templates {
             Templates::Auto => dir.ensure_templates(&units::templates(), search),
@@ -219,19 +228,28 @@ fn write_files(
             Templates::Never => Ok(false),
         } {
             Ok(c) => changed |= c,
-            Err(e) => errors.push(format!("templates: {e}")),
+            Err(e) => {
+                errors.push(format!("templates: {e}"));
+                missing.extend(files.iter().map(|(r, _)| r.clone()));
+            }
         }
     }
     for (res, f) in files {
         match dir.sync_resource(res, f) {
             Ok(c) => changed |= c,
-            Err(e) => errors.push(format!("{res}: {e}")),
+            Err(e) => {
+                errors.push(format!("{res}: {e}"));
+                missing.insert(res.clone());
+            }
         }
     }
     let r = if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(FilesMissing {
+            resources: missing,
+            reason: errors.join("; "),
+        })
     };
     (changed, r)
 }
@@ -257,14 +275,23 @@ impl FileSet {
         &self,
         ctx: &PluginCtx,
         manager: Option<&Arc<dyn ServiceManager>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), FilesMissing> {
         let t0 = Instant::now();
         let me = self.clone();
         let (changed, written) = tokio::task::spawn_blocking(move || {
             write_files(&me.dir, &me.batch, me.templates, &me.search, me.any_systemd)
         })
         .await
-        .unwrap_or_else(|e| (false, Err(e.to_string())));
+        .unwrap_or_else(|e| {
+            let resources = self.batch.iter().map(|(r, _)| r.clone()).collect();
+            (
+                false,
+                Err(FilesMissing {
+                    resources,
+                    reason: e.to_string(),
+                }),
+            )
+        });
         tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t0.elapsed().as_millis() as u64,
             changed, result = ?written, "unit files written");
         if changed {
@@ -303,8 +330,9 @@ struct Driver {
     tx: mpsc::UnboundedSender<(usize, Back)>,
     ctx: PluginCtx,
     timing: Timing,
-    /// Why the unit files are not (all) written, while they are retried.
-    files_error: Option<String>,
+    /// Which unit files are not (all) written, and why, while they are retried. A resource without
+    /// its files is not started (its target would come up without its units).
+    files_error: Option<FilesMissing>,
 }
 
 impl Driver {
@@ -349,6 +377,21 @@ impl Driver {
                     let _ = tx.send((i, Back::Detected(r)));
                 });
             }
+            Action::Start
+                if self
+                    .files_error
+                    .as_ref()
+                    .is_some_and(|f| f.resources.contains(&spec.name)) =>
+            {
+                let why = format!(
+                    "its unit files are not written yet: {}",
+                    self.files_error
+                        .as_ref()
+                        .map(|f| f.reason.as_str())
+                        .unwrap_or_default()
+                );
+                let _ = tx.send((i, Back::Done(ActionKind::Start, Outcome::Failed(why))));
+            }
             Action::Start | Action::Stop | Action::Freeze | Action::Thaw => {
                 let kind = match a {
                     Action::Start => ActionKind::Start,
@@ -381,7 +424,8 @@ impl Driver {
         if let Some(e) = &self.files_error {
             detail["unitFiles"] = serde_json::json!({
                 "state": crate::policy::status::STATE_DEGRADED,
-                "reason": e,
+                "reason": e.reason,
+                "resources": e.resources,
             });
         }
         self.ctx.detail.set(detail);
@@ -436,7 +480,7 @@ impl Plugin for Promoter {
             let mut files_backoff = FILES_RETRY;
             let mut files_retry = None;
             if let Some(e) = &files_error {
-                ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {e}", files_backoff.as_secs()));
+                ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {}", files_backoff.as_secs(), e.reason));
                 files_retry = Some(Instant::now() + files_backoff);
             }
 
@@ -538,7 +582,7 @@ impl Plugin for Promoter {
                             Err(e) => {
                                 files_backoff = (files_backoff * 2).min(FILES_RETRY_MAX);
                                 if files_error.as_ref() != Some(&e) {
-                                    ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {e}", files_backoff.as_secs()));
+                                    ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {}", files_backoff.as_secs(), e.reason));
                                 }
                                 files_error = Some(e);
                                 files_retry = Some(Instant::now() + files_backoff);
