@@ -452,6 +452,10 @@ fn default_render_is_the_agreed_set_of_objects() {
             .any(|a| a.starts_with("--systemd-bus") || a.starts_with("--unit-dir")),
         "defaults need no promoter flags: {args:?}"
     );
+    // ... and the agent refuses what the unprivileged pod cannot do
+    for a in ["--allow-promoter=false", "--allow-host-commands=false"] {
+        assert!(args.contains(&a), "{a} missing: {args:?}");
+    }
     let env: BTreeMap<&str, &str> = c["env"]
         .as_sequence()
         .unwrap()
@@ -623,6 +627,14 @@ fn optional_objects_and_value_switches_render_as_documented() {
             "{set_arg}"
         );
         assert!(c["securityContext"]["capabilities"].is_null(), "{set_arg}");
+        let args = serde_yaml::to_string(&c["args"]).unwrap();
+        let refused = if set_arg.starts_with("promoter") {
+            "--allow-host-commands=false"
+        } else {
+            "--allow-promoter=false"
+        };
+        assert!(args.contains(refused), "{set_arg}: {args}");
+        assert_eq!(args.matches("--allow-").count(), 1, "{set_arg}: {args}");
         let host: BTreeSet<(&str, &str)> = pod["volumes"]
             .as_sequence()
             .unwrap()

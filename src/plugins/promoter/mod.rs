@@ -62,6 +62,9 @@ pub struct PromoterOptions {
     pub timing: Timing,
     /// Shared by all instances of the agent: which instance manages which resource.
     pub registry: Arc<Registry>,
+    /// Whether promoter policies are accepted (`--allow-promoter`; off in the chart's default,
+    /// unprivileged install, which has no access to the host's systemd).
+    pub enabled: bool,
 }
 
 impl Default for PromoterOptions {
@@ -77,6 +80,7 @@ impl Default for PromoterOptions {
             host_exec: Vec::new(),
             timing: Timing::default(),
             registry: Arc::new(Registry::default()),
+            enabled: true,
         }
     }
 }
@@ -176,6 +180,12 @@ impl Promoter {
         let cfg: PromoterSpec = serde_json::from_value(spec.config.clone())
             .map_err(|e| config_err(format!("spec.promoter: {e}")))?;
         spec::validate(&cfg, "spec.promoter").map_err(config_err)?;
+        if !opts.enabled {
+            return Err(config_err(
+                "spec.promoter: this agent does not run the promoter (--allow-promoter=false; the chart's \
+                 promoter.enabled is off: no access to the host's systemd, see docs/security.md)",
+            ));
+        }
         let systemd = cfg.resources.iter().any(|r| r.runner == Runner::Systemd);
         if systemd && opts.manager.is_none() {
             return Err(config_err(
