@@ -959,6 +959,18 @@ fn a_policy_the_agent_cannot_decode_is_reported_on_its_own_and_the_others_run() 
         let (ok, _, err) = env.kubectl(&["create", "-f", "-"], Some(yaml));
         assert!(!ok && err.contains(field), "{field}: {err}");
     }
+    // The host's own units are refused as promoter start units by the server too.
+    let (ok, _, err) = env.kubectl(
+        &["create", "-f", "-"],
+        Some(&policy(
+            "host-units",
+            "  promoter:\n    resources:\n    - {name: r0, start: [dbus.service]}\n",
+        )),
+    );
+    assert!(
+        !ok && err.contains("the host's own units"),
+        "dbus.service as a start unit: {err}"
+    );
     // Created under a looser CRD (an earlier version), they are stored; then the CRD is tightened.
     env.apply(&loose_crd());
     assert!(

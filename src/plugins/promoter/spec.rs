@@ -143,6 +143,9 @@ fn is_false(b: &bool) -> bool {
     // it): the shape here, the full character check in the agent (`validate`), reported on the status.
     {"rule": "!has(self.runner) || self.runner != 'systemd' || self.start.all(s, s.startsWith('ocf:') || (!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket') || s.endsWith('.device') || s.endsWith('.mount') || s.endsWith('.automount') || s.endsWith('.swap') || s.endsWith('.target') || s.endsWith('.path') || s.endsWith('.timer') || s.endsWith('.slice') || s.endsWith('.scope'))))",
      "message": "systemd runner: each start entry is a unit name without spaces ending in a unit type such as .service or .mount, or 'ocf:VENDOR:AGENT INSTANCE [k=v ...]'"},
+    // The host's own units (a part of REFUSED_UNITS and refused_start_unit; the agent checks them all).
+    {"rule": "!has(self.runner) || self.runner != 'systemd' || self.start.all(s, !(s in ['-.mount', 'init.scope', 'dbus.service', 'dbus.socket', 'kubelet.service']) && !s.endsWith('.slice') && !s.endsWith('.scope') && !s.endsWith('.device') && !s.startsWith('systemd-'))",
+     "message": "systemd runner: the host's own units (-.mount, slices, scopes, devices, systemd-*, dbus, kubelet, ...) may not be start units"},
     {"rule": "!has(self.runner) || self.runner != 'shell' || !has(self.onQuorumLoss) || self.onQuorumLoss != 'freeze'",
      "message": "onQuorumLoss freeze needs the systemd runner"},
     {"rule": "(has(self.runner) && self.runner == 'shell') || !has(self.stop) || size(self.stop) == 0",
