@@ -451,6 +451,33 @@ mod tests {
     }
 
     #[test]
+    fn a_start_unit_of_another_policys_resource_is_a_conflict_on_status() {
+        let ps = vec![
+            pol("a", "u1", "promoter:\n  resources:\n  - {name: r0, start: [shared.mount]}\n"),
+            pol("b", "u2", "promoter:\n  resources:\n  - {name: r1, start: [shared.mount]}\n  - {name: r2, start: [b.service]}\n"),
+        ];
+        let (p, _) = plan(&ps, &labels(&[]), "ns", &cms(None), &LastGood::new());
+        match &p.outcomes["b"] {
+            Outcome::Selected {
+                instances,
+                problem: Some(pr),
+            } => {
+                assert_eq!(pr.reason, "Conflict");
+                assert!(
+                    pr.message.contains("promoter resource r1: its start unit shared.mount is already started for resource r0 of policy a"),
+                    "{}",
+                    pr.message
+                );
+                assert_eq!(instances.len(), 1, "b still runs r2");
+            }
+            o => panic!("{o:?}"),
+        }
+        let b = p.instances.iter().find(|i| i.id.policy == "b").unwrap();
+        assert_eq!(b.config["resources"].as_array().unwrap().len(), 1);
+        assert_eq!(b.config["resources"][0]["name"], "r2");
+    }
+
+    #[test]
     fn selection_by_node_labels() {
         let ps = vec![
             pol("all", "u1", "debugger: {}"),
