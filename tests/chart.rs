@@ -287,7 +287,7 @@ fn chart_lints_and_its_values_schema_rejects_bad_values() {
 }
 
 /// The default (exporter-only) container: not privileged, a read-only root, every capability dropped
-/// but the four `nsenter --target 1 --mount --uts -- drbdsetup` needs.
+/// but the three `nsenter --target 1 --mount --uts -- drbdsetup` needs.
 fn assert_default_confinement(c: &Value) {
     let sc = s(c, "securityContext");
     assert_eq!(sc["privileged"], Value::Bool(false), "{sc:?}");
@@ -302,10 +302,7 @@ fn assert_default_confinement(c: &Value) {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(
-        add,
-        ["NET_ADMIN", "SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"].into()
-    );
+    assert_eq!(add, ["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"].into());
     assert_eq!(str_at(sc, "seccompProfile.type"), "RuntimeDefault");
 }
 

@@ -610,8 +610,14 @@ mod tests {
             .iter()
             .map(|r| r["rule"].as_str().unwrap())
             .collect();
-        assert_eq!(rules.len(), 4);
+        assert_eq!(rules.len(), 5);
         assert_eq!(rules[0], "size(self.start) > 0");
+        assert!(
+            rules[2].contains("!(s in ['-.mount'")
+                && rules[2].contains("!s.startsWith('systemd-')"),
+            "{}",
+            rules[2]
+        );
         assert!(
             rules[1]
                 .contains("!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket')"),
