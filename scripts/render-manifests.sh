@@ -31,6 +31,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$HELM_BIN" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --include-crds \
     --set createNamespace=true >"$tmp/all.yaml"
+# Optional objects shipped as files of their own (off in the chart's defaults).
+"$HELM_BIN" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+    --set networkPolicy.enabled=true --show-only templates/networkpolicy.yaml >>"$tmp/all.yaml"
 
 # Split helm's output by its `# Source: <chart>/<path>` comments into one file per kind of object.
 python3 - "$tmp/all.yaml" "$tmp/out" <<'PY'
@@ -44,6 +47,7 @@ target = {
     "templates/daemonset.yaml": "daemonset.yaml",
     "templates/service.yaml": "service.yaml",
     "templates/policy.yaml": "policies.yaml",
+    "templates/networkpolicy.yaml": "networkpolicy.yaml",
 }
 docs = {}
 for doc in re.split(r"^---\s*$", open(src).read(), flags=re.M):
@@ -66,7 +70,7 @@ PY
 
 mkdir -p "$OUT"
 # Replace only the generated files; README.md and anything else in OUT stay.
-for f in namespace.yaml crds.yaml rbac.yaml daemonset.yaml service.yaml policies.yaml; do
+for f in namespace.yaml crds.yaml rbac.yaml daemonset.yaml service.yaml policies.yaml networkpolicy.yaml; do
     if [[ -f "$tmp/out/$f" ]]; then
         cp "$tmp/out/$f" "$OUT/$f"
     else

@@ -82,6 +82,14 @@ struct AgentArgs {
     /// host's mount, UTS and network namespaces through nsenter (host scripts expect the host's network).
     #[arg(long, env = "HOST_EXEC", default_value = drbd_reactor::plugins::umh::DEFAULT_HOST_EXEC)]
     host_exec: String,
+    /// Accept UMH rules with `where: host` (false: a policy with one is invalid; the chart's unprivileged
+    /// default install sets false).
+    #[arg(long, env = "ALLOW_HOST_COMMANDS", default_value_t = true, action = clap::ArgAction::Set)]
+    allow_host_commands: bool,
+    /// Accept promoter policies (false: a policy with a promoter section is invalid; the chart's
+    /// unprivileged default install sets false).
+    #[arg(long, env = "ALLOW_PROMOTER", default_value_t = true, action = clap::ArgAction::Set)]
+    allow_promoter: bool,
     /// Private directory (created with mode 0700) UMH scripts are written to and run from.
     #[arg(long, env = "UMH_SCRIPT_DIR", default_value = drbd_reactor::plugins::umh::DEFAULT_SCRIPT_DIR)]
     umh_script_dir: PathBuf,
@@ -226,6 +234,7 @@ async fn agent_main(a: AgentArgs) -> Result<()> {
         umh: drbd_reactor::plugins::umh::UmhOptions {
             script_dir: a.umh_script_dir,
             host_exec,
+            host_commands: a.allow_host_commands,
         },
         promoter,
     };
@@ -293,6 +302,7 @@ fn promoter_options(
         drbdsetup: drbdsetup.to_vec(),
         drbdadm: drbdadm.to_vec(),
         host_exec: host_exec.to_vec(),
+        enabled: a.allow_promoter,
         ..PromoterOptions::default()
     })
 }
@@ -333,6 +343,7 @@ async fn k8s_main(a: AgentArgs) -> Result<()> {
         umh: drbd_reactor::plugins::umh::UmhOptions {
             script_dir: a.umh_script_dir,
             host_exec,
+            host_commands: a.allow_host_commands,
         },
         debounce: Duration::from_millis(a.debounce_ms),
         status_interval: Duration::from_secs(a.status_interval.max(1)),

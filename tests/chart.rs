@@ -36,6 +36,7 @@ const MANIFESTS: &[&str] = &[
     "daemonset.yaml",
     "service.yaml",
     "policies.yaml",
+    "networkpolicy.yaml",
 ];
 
 fn root() -> PathBuf {
@@ -256,6 +257,21 @@ fn chart_lints_and_its_values_schema_rejects_bad_values() {
             "/prometheusRule/disabledAlerts/0",
         ),
         ("image.digest=latest", "/image/digest"),
+        ("promoter.enabled=yes", "/promoter/enabled"),
+        ("umh.hostCommands=1", "/umh/hostCommands"),
+        (
+            "promoter.bogus=true",
+            "additional properties 'bogus' not allowed",
+        ),
+        (
+            "rbac.eventsNamespace=Not_A_Namespace",
+            "/rbac/eventsNamespace",
+        ),
+        ("networkPolicy.enabled=maybe", "/networkPolicy/enabled"),
+        (
+            "networkPolicy.from[0].nodeSelector.a=b",
+            "/networkPolicy/from/0",
+        ),
     ] {
         let out = run(Command::new(&helm)
             .args(["template", RELEASE])
@@ -268,6 +284,26 @@ fn chart_lints_and_its_values_schema_rejects_bad_values() {
             out.status
         );
     }
+}
+
+/// The default (exporter-only) container: not privileged, a read-only root, every capability dropped
+/// but the three `nsenter --target 1 --mount --uts -- drbdsetup` needs.
+fn assert_default_confinement(c: &Value) {
+    let sc = s(c, "securityContext");
+    assert_eq!(sc["privileged"], Value::Bool(false), "{sc:?}");
+    assert_eq!(sc["readOnlyRootFilesystem"], Value::Bool(true));
+    assert_eq!(
+        s(sc, "capabilities.drop").as_sequence().unwrap(),
+        &[Value::from("ALL")]
+    );
+    let add: BTreeSet<&str> = s(sc, "capabilities.add")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(add, ["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"].into());
+    assert_eq!(str_at(sc, "seccompProfile.type"), "RuntimeDefault");
 }
 
 #[test]
@@ -284,6 +320,8 @@ fn default_render_is_the_agreed_set_of_objects() {
             ("ClusterRoleBinding", "drbd-reactor"),
             ("Role", "drbd-reactor"),
             ("RoleBinding", "drbd-reactor"),
+            ("Role", "drbd-reactor-events"),
+            ("RoleBinding", "drbd-reactor-events"),
             ("Service", "drbd-reactor-metrics"),
             ("DaemonSet", "drbd-reactor"),
             ("ReactorPolicy", "metrics"),
@@ -294,8 +332,10 @@ fn default_render_is_the_agreed_set_of_objects() {
         let ns = str_at(o, "metadata.namespace");
         let cluster_scoped = matches!(kind, "ClusterRole" | "ClusterRoleBinding" | "ReactorPolicy");
         assert_eq!(ns.is_empty(), cluster_scoped, "{kind}: namespace '{ns}'");
+        // Events of cluster-scoped objects (the policies) go to `default`: the agent may write there.
+        let events = str_at(o, "metadata.name") == "drbd-reactor-events";
         if !cluster_scoped {
-            assert_eq!(ns, NAMESPACE, "{kind}");
+            assert_eq!(ns, if events { "default" } else { NAMESPACE }, "{kind}");
         }
     }
 
@@ -326,20 +366,37 @@ fn default_render_is_the_agreed_set_of_objects() {
         t("", "nodes", "get"),
         t("", "nodes", "list"),
         t("", "nodes", "watch"),
+    ]
+    .into();
+    assert_eq!(rules(find(&objs, "ClusterRole")), cluster);
+    let named = |kind: &str, name: &str| -> &Value {
+        objs.iter()
+            .find(|o| str_at(o, "kind") == kind && str_at(o, "metadata.name") == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    // Events only in the namespace they go to.
+    let events: BTreeSet<_> = [
         t("events.k8s.io", "events", "create"),
         t("events.k8s.io", "events", "patch"),
     ]
     .into();
-    assert_eq!(rules(find(&objs, "ClusterRole")), cluster);
+    assert_eq!(rules(named("Role", "drbd-reactor-events")), events);
+    assert_eq!(
+        str_at(named("RoleBinding", "drbd-reactor-events"), "roleRef.name"),
+        "drbd-reactor-events"
+    );
     let ns_rules: BTreeSet<_> = [
         t("", "configmaps", "get"),
         t("", "configmaps", "list"),
         t("", "configmaps", "watch"),
     ]
     .into();
-    assert_eq!(rules(find(&objs, "Role")), ns_rules);
-    for b in ["ClusterRoleBinding", "RoleBinding"] {
-        let b = find(&objs, b);
+    assert_eq!(rules(named("Role", "drbd-reactor")), ns_rules);
+    for b in [
+        named("ClusterRoleBinding", "drbd-reactor"),
+        named("RoleBinding", "drbd-reactor"),
+        named("RoleBinding", "drbd-reactor-events"),
+    ] {
         assert_eq!(str_at(b, "subjects.0.kind"), "ServiceAccount");
         assert_eq!(str_at(b, "subjects.0.name"), "drbd-reactor");
         assert_eq!(str_at(b, "subjects.0.namespace"), NAMESPACE);
@@ -372,7 +429,8 @@ fn default_render_is_the_agreed_set_of_objects() {
     }
     let c = s(pod, "containers.0");
     assert_eq!(str_at(c, "image"), "drbd-reactor:0.1.0");
-    assert_eq!(s(c, "securityContext.privileged"), &Value::Bool(true));
+    // Exporter only: not privileged, every capability dropped but what nsenter and drbdsetup need.
+    assert_default_confinement(c);
     assert_eq!(str_at(c, "args.0"), "agent");
     let args: Vec<&str> = c["args"]
         .as_sequence()
@@ -391,6 +449,10 @@ fn default_render_is_the_agreed_set_of_objects() {
             .any(|a| a.starts_with("--systemd-bus") || a.starts_with("--unit-dir")),
         "defaults need no promoter flags: {args:?}"
     );
+    // ... and the agent refuses what the unprivileged pod cannot do
+    for a in ["--allow-promoter=false", "--allow-host-commands=false"] {
+        assert!(args.contains(&a), "{a} missing: {args:?}");
+    }
     let env: BTreeMap<&str, &str> = c["env"]
         .as_sequence()
         .unwrap()
@@ -426,13 +488,9 @@ fn default_render_is_the_agreed_set_of_objects() {
             )
         })
         .collect();
-    assert_eq!(
-        host.values().copied().collect::<BTreeSet<_>>(),
-        [
-            ("/run/systemd/system", "Directory"),
-            ("/run/dbus/system_bus_socket", "Socket")
-        ]
-        .into()
+    assert!(
+        host.is_empty(),
+        "exporter only: no host directory or socket is mounted: {host:?}"
     );
     for (name, (path, _)) in &host {
         assert_eq!(
@@ -529,6 +587,8 @@ fn optional_objects_and_value_switches_render_as_documented() {
         &helm,
         &[
             "--set",
+            "promoter.enabled=true",
+            "--set",
             "systemd.mountDbusSocket=false",
             "--set",
             "systemd.mountRunSystemd=true",
@@ -552,6 +612,81 @@ fn optional_objects_and_value_switches_render_as_documented() {
         "{args}"
     );
     assert_eq!(str_at(pod, "dnsPolicy"), "ClusterFirstWithHostNet");
+
+    // The promoter (or host UMH commands) turns privilege on, with the host's systemd mounted.
+    for set_arg in ["promoter.enabled=true", "umh.hostCommands=true"] {
+        let objs = docs(&render(&helm, &["--set", set_arg]));
+        let pod = s(find(&objs, "DaemonSet"), "spec.template.spec");
+        let c = s(pod, "containers.0");
+        assert_eq!(
+            s(c, "securityContext.privileged"),
+            &Value::Bool(true),
+            "{set_arg}"
+        );
+        assert!(c["securityContext"]["capabilities"].is_null(), "{set_arg}");
+        let args = serde_yaml::to_string(&c["args"]).unwrap();
+        let refused = if set_arg.starts_with("promoter") {
+            "--allow-host-commands=false"
+        } else {
+            "--allow-promoter=false"
+        };
+        assert!(args.contains(refused), "{set_arg}: {args}");
+        assert_eq!(args.matches("--allow-").count(), 1, "{set_arg}: {args}");
+        let host: BTreeSet<(&str, &str)> = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|v| !v["hostPath"].is_null())
+            .map(|v| (str_at(v, "hostPath.path"), str_at(v, "hostPath.type")))
+            .collect();
+        let want: BTreeSet<(&str, &str)> = if set_arg.starts_with("promoter") {
+            [
+                ("/run/systemd/system", "Directory"),
+                ("/run/dbus/system_bus_socket", "Socket"),
+            ]
+            .into()
+        } else {
+            BTreeSet::new()
+        };
+        assert_eq!(host, want, "{set_arg}");
+        let mounts: BTreeSet<&str> = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| str_at(m, "mountPath"))
+            .collect();
+        for (path, _) in &want {
+            assert!(mounts.contains(path), "{set_arg}: {path} mounted");
+        }
+    }
+
+    // The optional NetworkPolicy: only the metrics port of the agents' pods, only from `from`.
+    let np_objs = docs(&render(&helm, &["--set", "networkPolicy.enabled=true"]));
+    let np = find(&np_objs, "NetworkPolicy");
+    assert_eq!(str_at(np, "metadata.namespace"), NAMESPACE);
+    let pod_labels = s(find(&np_objs, "DaemonSet"), "spec.template.metadata.labels")
+        .as_mapping()
+        .unwrap();
+    for (k, v) in s(np, "spec.podSelector.matchLabels").as_mapping().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "podSelector {k:?}");
+    }
+    assert_eq!(
+        s(np, "spec.policyTypes").as_sequence().unwrap(),
+        &[Value::from("Ingress")]
+    );
+    assert_eq!(str_at(np, "spec.ingress.0.ports.0.port"), "metrics");
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"]
+            .as_str(),
+        Some("monitoring")
+    );
+    assert!(
+        docs(&render(&helm, &[]))
+            .iter()
+            .all(|o| str_at(o, "kind") != "NetworkPolicy"),
+        "off by default"
+    );
 
     // No default policy, no ReactorPolicy object.
     let none = docs(&render(&helm, &["--set", "defaultPolicy.enabled=false"]));
@@ -643,7 +778,12 @@ fn manifests_are_the_rendered_chart() {
         for o in docs(&text) {
             n += 1;
             let ns = str_at(&o, "metadata.namespace");
-            assert!(ns.is_empty() || ns == NAMESPACE, "{f}: namespace {ns}");
+            // the Events Role: where the Events of cluster-scoped policies go
+            let events = str_at(&o, "metadata.name") == "drbd-reactor-events";
+            assert!(
+                ns.is_empty() || ns == NAMESPACE || (events && ns == "default"),
+                "{f}: namespace {ns}"
+            );
         }
     }
     assert!(n >= 10, "only {n} objects in manifests/");

@@ -902,3 +902,163 @@ fn committed_crd_matches_the_generated_one() {
         "crds/reactorpolicies.reactor.drbd.io.yaml is stale: regenerate it with\n  cargo run -- crd > crds/reactorpolicies.reactor.drbd.io.yaml"
     );
 }
+
+/// The shipped CRD with the narrowing of its multi-shape fields taken out: what a cluster that installed
+/// an earlier version holds, and so what policies created then could be.
+fn loose_crd() -> String {
+    fn loosen(v: &mut serde_yaml::Value) {
+        if let serde_yaml::Value::Mapping(m) = v {
+            let untyped = m.get("x-kubernetes-preserve-unknown-fields")
+                == Some(&serde_yaml::Value::Bool(true))
+                && m.get("type").is_none();
+            if untyped {
+                m.retain(|k, _| {
+                    matches!(
+                        k.as_str(),
+                        Some("description" | "x-kubernetes-preserve-unknown-fields")
+                    )
+                });
+            }
+            for (_, c) in m.iter_mut() {
+                loosen(c);
+            }
+        } else if let serde_yaml::Value::Sequence(s) = v {
+            s.iter_mut().for_each(loosen);
+        }
+    }
+    let text =
+        std::fs::read_to_string(Path::new(ROOT).join("crds/reactorpolicies.reactor.drbd.io.yaml"))
+            .unwrap();
+    let mut crd: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    loosen(&mut crd);
+    serde_yaml::to_string(&crd).unwrap()
+}
+
+#[test]
+fn a_policy_the_agent_cannot_decode_is_reported_on_its_own_and_the_others_run() {
+    let test = "a_policy_the_agent_cannot_decode_is_reported_on_its_own_and_the_others_run";
+    let Some(bin) = tools_or_skip(test) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let env = Envtest::start(&bin);
+    env.install();
+    let volume_x = policy(
+        "bad-volume",
+        "  umh:\n    device:\n    - {name: d, volume: \"x\", command: [\"true\"]}\n",
+    );
+    let resource_obj = policy(
+        "bad-resource-name",
+        "  umh:\n    resource:\n    - {name: r, resourceName: {a: 1}, command: [\"true\"]}\n",
+    );
+    // The shipped CRD: the server refuses both shapes, naming the field.
+    for (yaml, field) in [
+        (&volume_x, "spec.umh.device[0].volume"),
+        (&resource_obj, "spec.umh.resource[0].resourceName"),
+    ] {
+        let (ok, _, err) = env.kubectl(&["create", "-f", "-"], Some(yaml));
+        assert!(!ok && err.contains(field), "{field}: {err}");
+    }
+    // The host's own units are refused as promoter start units by the server too.
+    let (ok, _, err) = env.kubectl(
+        &["create", "-f", "-"],
+        Some(&policy(
+            "host-units",
+            "  promoter:\n    resources:\n    - {name: r0, start: [dbus.service]}\n",
+        )),
+    );
+    assert!(
+        !ok && err.contains("the host's own units"),
+        "dbus.service as a start unit: {err}"
+    );
+    // Created under a looser CRD (an earlier version), they are stored; then the CRD is tightened.
+    env.apply(&loose_crd());
+    assert!(
+        wait_until(EVENTUALLY, || env
+            .kubectl(&["create", "-f", "-"], Some(&volume_x))
+            .0),
+        "the loose CRD did not take effect"
+    );
+    env.ok(&["create", "-f", "-"], Some(&resource_obj));
+    env.install();
+    env.apply(&policy("everywhere", "  debugger: {}\n"));
+    env.apply(&node("n1", "a"));
+    let sa = work.path().join("sa.kubeconfig");
+    env.sa_kubeconfig(&sa);
+
+    let t0 = Instant::now();
+    let agent = Agent::start("n1", &sa, work.path());
+    assert!(
+        wait_until(EVENTUALLY, || agent.get("/readyz").0 == 200),
+        "not ready: {}\n{}",
+        agent.get("/readyz").1,
+        agent.log()
+    );
+    follow(&[&agent], "the decodable policy runs", |_| {
+        vec!["everywhere/debugger"]
+    });
+    for (name, field) in [
+        ("bad-volume", "spec.umh.device[0].volume"),
+        ("bad-resource-name", "spec.umh.resource[0].resourceName"),
+    ] {
+        assert!(
+            wait_until(EVENTUALLY, || {
+                let p = env.get_json(&["rpol", name]);
+                p["status"]["nodes"].as_array().is_some_and(|n| {
+                    n.iter().any(|e| {
+                        e["node"] == "n1"
+                            && e["state"] == "NotApplied"
+                            && e["conditions"][0]["reason"] == "InvalidPolicy"
+                            && e["conditions"][0]["message"]
+                                .as_str()
+                                .unwrap_or("")
+                                .contains(field)
+                    })
+                })
+            }),
+            "{name}: no InvalidPolicy entry naming {field}: {}\n{}",
+            env.get_json(&["rpol", name]),
+            agent.log()
+        );
+        assert!(
+            wait_until(EVENTUALLY, || {
+                let ev = env.get_json(&["events.v1.events.k8s.io", "-n", "default"]);
+                ev["items"].as_array().is_some_and(|items| {
+                    items.iter().any(|e| {
+                        e["regarding"]["name"] == name
+                            && e["reason"] == "InvalidPolicy"
+                            && e["note"].as_str().unwrap_or("").contains(field)
+                    })
+                })
+            }),
+            "{name}: no InvalidPolicy Event"
+        );
+    }
+    eprintln!(
+        "undecodable policies reported and the other applied {:.1} s after the agent started",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        entries(&env, "everywhere"),
+        [("n1".to_string(), "Applied".to_string())]
+    );
+    // Reachable and ready all along: one bad object is not an unreachable API.
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(agent.metric("drbdreactor_kubernetes_api_up"), Some(1.0));
+    assert_eq!(
+        agent.metric("drbdreactor_kubernetes_watch_errors_total{resource=\"reactorpolicies\"}"),
+        Some(0.0),
+        "{}",
+        agent.log()
+    );
+    // Fixed: the policy decodes and runs, its entry follows.
+    env.ok(&["delete", "rpol", "bad-volume"], None);
+    env.apply(&policy(
+        "bad-volume",
+        "  umh:\n    device:\n    - {name: d, volume: 0, command: [\"true\"]}\n",
+    ));
+    follow(&[&agent], "the fixed policy runs", |_| {
+        vec!["bad-volume/umh", "everywhere/debugger"]
+    });
+}

@@ -785,3 +785,165 @@ fn policy_removed_with_stop_services_on_exit_stops_and_removes_files() {
     });
     let _ = first;
 }
+
+/// Issue #15: N promoter policies starting together on an empty unit directory (what every reboot is:
+/// `/run` is a tmpfs) each get all of their files and their services start; so after an agent restart
+/// and after a reboot. A unit file that cannot be written is retried and shown as Degraded until it is.
+#[test]
+fn many_policies_starting_together_all_get_their_unit_files() {
+    const N: usize = 6;
+    let Some(mut c) = Cluster::new("many_policies", &["n1"]) else {
+        return;
+    };
+    let svc = |i: usize| format!("svc-{i}.service");
+    let mut units = Vec::new();
+    for i in 0..N {
+        // one node: no peers to form a majority with
+        c.create(&format!("r{i}"), &["quorum=off"]);
+        units.push((svc(i), SVC.to_string()));
+    }
+    let units_ref: Vec<(&str, &str)> = units
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    for (u, content) in &units_ref {
+        c.unit_everywhere(u, content);
+    }
+    for i in 0..N {
+        c.write_policy(
+            &format!("p{i}.yaml"),
+            &policy(
+                &format!("p{i}"),
+                &format!(
+                    "- name: r{i}\n  start: [{}]\n  adjustResourceOnStart: false\n",
+                    svc(i)
+                ),
+            ),
+        );
+    }
+    // r0's drop-in directory cannot be made: a file is in the way
+    let blocker = c.ns("n1").unit_dir.join("svc-0.service.d");
+    std::fs::write(&blocker, "in the way\n").unwrap();
+    c.start_agents();
+    let unit_files_reason = |c: &Cluster| -> Option<String> {
+        let st = c.status("n1");
+        st["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|p| {
+                (p["id"]["policy"] == "p0")
+                    .then(|| {
+                        p["detail"]["unitFiles"]["reason"]
+                            .as_str()
+                            .map(String::from)
+                    })
+                    .flatten()
+            })
+    };
+    c.wait("p0 shows its unit files as Degraded", LONG, |c| {
+        unit_files_reason(c).is_some_and(|r| r.contains("svc-0.service.d"))
+    });
+    let st = c.status("n1");
+    let p0 = st["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"]["policy"] == "p0")
+        .unwrap();
+    assert_eq!(p0["detail"]["unitFiles"]["state"], "Degraded", "{p0}");
+    c.wait("the other resources' services running", LONG, |c| {
+        (1..N).all(|i| c.running(&svc(i)) == vec!["n1".to_string()])
+    });
+    std::fs::remove_file(&blocker).unwrap();
+
+    let all_present = |c: &Cluster, what: &str, running: bool| {
+        if running {
+            c.wait(what, LONG, |c| {
+                (0..N).all(|i| c.running(&svc(i)) == vec!["n1".to_string()])
+            });
+        }
+        // systemd loaded every resource's units with our drop-ins
+        c.wait(what, LONG, |c| {
+            let ns = c.ns("n1");
+            (0..N).all(|i| {
+                ns.show(&format!("drbd-services@r{i}.target"), "LoadState") == "loaded"
+                    && ns.show(&svc(i), "DropInPaths").contains("reactor.conf")
+            })
+        });
+        let dir = c.ns("n1").unit_dir.clone();
+        for i in 0..N {
+            let manifest = dir.join(format!("drbd-services@r{i}.target.d/reactor.conf"));
+            let m = std::fs::read_to_string(&manifest)
+                .unwrap_or_else(|e| panic!("{what}: {}: {e}", manifest.display()));
+            let listed = m
+                .lines()
+                .find_map(|l| l.strip_prefix("# drbd-reactor-files: "))
+                .unwrap_or_else(|| panic!("{what}: no file list in {m}"));
+            for f in listed.split_whitespace() {
+                let c = std::fs::read_to_string(dir.join(f))
+                    .unwrap_or_else(|e| panic!("{what}: r{i}'s {f}: {e}"));
+                assert!(c.contains(&format!("r{i}")), "{what}: {f} names r{i}: {c}");
+            }
+            assert!(
+                listed.contains(&format!("svc-{i}.service.d/reactor.conf")),
+                "{listed}"
+            );
+        }
+        let leftovers: Vec<_> = walk(&dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "{what}: temporary files left: {leftovers:?}"
+        );
+    };
+    all_present(
+        &c,
+        "every resource's services and files (first start)",
+        true,
+    );
+    c.wait("the retry cleared Degraded", LONG, |c| {
+        unit_files_reason(c).is_none()
+    });
+    c.wait("/status: every resource active", LONG, |c| {
+        (0..N).all(|n| c.explain("n1", &format!("r{n}"))["state"] == "active")
+    });
+
+    // the agent restarts: files unchanged, services still running
+    c.nodes[0].agent = None;
+    c.start_agent("n1");
+    all_present(
+        &c,
+        "every resource's services and files (agent restarted)",
+        true,
+    );
+
+    // the node reboots: an empty /run, every policy starting again at once
+    c.nodes[0].agent = None;
+    c.nodes[0].ns = None;
+    c.ctl(&["node-down", "n1"]);
+    c.reboot("n1", &units_ref);
+    // Alone, the node's DRBD comes back Consistent, not UpToDate (no peer confirms its data), so
+    // nothing is promoted here: the files and systemd's view of them are what this step checks.
+    all_present(&c, "every resource's files (node rebooted)", false);
+    c.holds(
+        "no unit-file problem after the reboot",
+        Duration::from_secs(3),
+        |c| unit_files_reason(c).is_none(),
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}

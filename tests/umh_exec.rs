@@ -116,6 +116,7 @@ fn opts(scratch: &Path) -> UmhOptions {
     UmhOptions {
         script_dir: scratch.join("scripts"),
         host_exec: vec!["/usr/bin/env".into(), "UMH_VIA_HOST_EXEC=yes".into()],
+        host_commands: true,
     }
 }
 
@@ -598,10 +599,37 @@ async fn scripts_are_private_and_replaced_when_they_change() {
         let f = Builtin::default().with_umh(UmhOptions {
             script_dir: foreign,
             host_exec: vec![],
+            host_commands: true,
         });
         let e = f.build(&specs(umh, &pol)[0]).err().unwrap().to_string();
         assert!(e.contains("is owned by uid 65534"), "{e}");
     }
+}
+
+#[test]
+fn host_commands_are_refused_when_the_agent_runs_without_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let umh = "resource:\n- name: on-host\n  command: [\"true\"]\n  where: host\n- name: here\n  command: [\"true\"]\n";
+    let mut o = opts(tmp.path());
+    o.host_commands = false;
+    let f = Builtin::default().with_umh(o.clone());
+    let e = f
+        .build(&specs(umh, tmp.path())[0])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("rule 'on-host' runs where: host") && e.contains("--allow-host-commands=false"),
+        "{e}"
+    );
+    // container rules only: accepted
+    let only_here = "resource:\n- name: here\n  command: [\"true\"]\n";
+    assert!(f.build(&specs(only_here, tmp.path())[0]).is_ok());
+    o.host_commands = true;
+    assert!(Builtin::default()
+        .with_umh(o)
+        .build(&specs(umh, tmp.path())[0])
+        .is_ok());
 }
 
 #[test]

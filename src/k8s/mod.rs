@@ -10,6 +10,9 @@
 //! - API server unreachable: the watchers retry with backoff, the last applied set keeps running, and
 //!   `/readyz` and `drbdreactor_kubernetes_api_up` say so.
 //! - No finalizers: deleting a policy just shrinks the desired set.
+//! - Policies are listed and watched as dynamic objects and decoded one by one ([`node::decode`]): one
+//!   the agent cannot read (stored before the CRD was tightened) is reported on its own status and as
+//!   an Event, and the others run; the watch, and so `/readyz`, is not affected by it.
 
 use crate::agent::serve_http;
 use crate::engine::runtime::{
@@ -20,13 +23,13 @@ use crate::metrics::AgentMetrics;
 use crate::plugins::prometheus::ExporterHub;
 use crate::plugins::{Builtin, EventSink, InstanceSpec, PluginEvent};
 use crate::policy::files::FileProblem;
-use crate::policy::node::{self, LastGood, Outcome, Plan};
+use crate::policy::node::{self, LastGood, Outcome, Plan, Undecodable};
 use crate::policy::status::{self, NodeStatus};
-use crate::policy::{policy_name, ReactorPolicy, API_VERSION, KIND};
+use crate::policy::{ReactorPolicy, API_VERSION, KIND};
 use crate::source::{self, SourceConfig};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -97,10 +100,10 @@ pub struct Triggers {
 }
 
 impl Triggers {
-    pub fn policy(&mut self, ev: &watcher::Event<ReactorPolicy>) -> bool {
+    pub fn policy<K: Resource>(&mut self, ev: &watcher::Event<K>) -> bool {
         match ev {
             watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                let key = (p.metadata.uid.clone(), p.metadata.generation);
+                let key = (p.meta().uid.clone(), p.meta().generation);
                 self.generations.insert(p.name_any(), key.clone()) != Some(key)
             }
             watcher::Event::Delete(p) => {
@@ -283,16 +286,19 @@ impl ApiState {
 fn spawn_reflector<K>(
     name: &'static str,
     api: Api<K>,
+    dyntype: K::DynamicType,
     cfg: watcher::Config,
     wake: Arc<Notify>,
     api_state: Arc<ApiState>,
     mut trigger: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
 ) -> (Store<K>, Arc<AtomicBool>, tokio::task::JoinHandle<()>)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
     K: serde::de::DeserializeOwned,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
     let stream = reflector::reflector(writer, watcher::watcher(api, cfg).default_backoff());
     let listed = Arc::new(AtomicBool::new(false));
     let l = listed.clone();
@@ -316,8 +322,72 @@ where
     (store, listed, task)
 }
 
-fn policy_ref(p: &ReactorPolicy) -> ObjectReference {
-    p.object_ref(&())
+/// The policies as the watch holds them, each decoded on its own.
+#[derive(Default)]
+struct Decoded {
+    good: Vec<Arc<ReactorPolicy>>,
+    /// With the resourceVersion each was read at.
+    bad: Vec<(Undecodable, Option<String>)>,
+}
+
+fn decode_all(store: &Store<DynamicObject>) -> Decoded {
+    let mut out = Decoded::default();
+    for o in store.state() {
+        let v = serde_json::to_value(&*o).unwrap_or_default();
+        match node::decode(v) {
+            Ok(p) => out.good.push(Arc::new(p)),
+            Err(u) => out.bad.push((*u, o.resource_version())),
+        }
+    }
+    out
+}
+
+/// The reference of a policy by name (for Events), from the watched objects.
+fn policy_ref_by_name(
+    store: &Store<DynamicObject>,
+    ar: &ApiResource,
+    name: &str,
+) -> Option<ObjectReference> {
+    store
+        .state()
+        .iter()
+        .find(|o| o.name_any() == name)
+        .map(|o| o.object_ref(ar))
+}
+
+/// A policy's status part, read on its own (an undecodable spec does not hide it).
+fn status_of(o: &DynamicObject) -> Option<crate::policy::ReactorPolicyStatus> {
+    serde_json::from_value(o.data.get("status")?.clone()).ok()
+}
+
+/// What a status write needs of one policy, decodable or not.
+struct StatusTarget {
+    name: String,
+    generation: Option<i64>,
+    status: Option<crate::policy::ReactorPolicyStatus>,
+    /// `None` for an undecodable policy: no summary is computed for it.
+    spec: Option<crate::policy::ReactorPolicySpec>,
+    resource_version: Option<String>,
+}
+
+impl Decoded {
+    fn targets(&self) -> Vec<StatusTarget> {
+        let good = self.good.iter().map(|p| StatusTarget {
+            name: p.name_any(),
+            generation: p.metadata.generation,
+            status: p.status.clone(),
+            spec: Some(p.spec.clone()),
+            resource_version: p.resource_version(),
+        });
+        let bad = self.bad.iter().map(|(u, rv)| StatusTarget {
+            name: u.name.clone(),
+            generation: u.generation,
+            status: u.status.clone(),
+            spec: None,
+            resource_version: rv.clone(),
+        });
+        good.chain(bad).collect()
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -334,7 +404,9 @@ struct Agent {
     health: Arc<Health>,
     metrics: AgentMetrics,
     k8s_metrics: K8sMetrics,
-    policies: Store<ReactorPolicy>,
+    /// ReactorPolicies as dynamic objects, decoded one by one ([`decode_all`]).
+    policies: Store<DynamicObject>,
+    policy_resource: ApiResource,
     nodes: Store<Node>,
     config_maps: Store<ConfigMap>,
     http_policies: Arc<Mutex<PolicyStatus>>,
@@ -373,12 +445,9 @@ impl Agent {
             self.plan = None;
             return Ok(());
         };
-        let policies: Vec<ReactorPolicy> = self
-            .policies
-            .state()
-            .iter()
-            .map(|p| (**p).clone())
-            .collect();
+        let decoded = decode_all(&self.policies);
+        let policies: Vec<ReactorPolicy> = decoded.good.iter().map(|p| (**p).clone()).collect();
+        let undecodable: Vec<Undecodable> = decoded.bad.iter().map(|(u, _)| u.clone()).collect();
         let ns = self.opts.namespace.clone();
         let cms = self.config_maps.clone();
         let lookup = move |name: &str| -> Option<BTreeMap<String, String>> {
@@ -388,13 +457,14 @@ impl Agent {
                 .map(|c| c.data.clone().unwrap_or_default())
         };
         self.k8s_metrics.recomputes.inc();
-        let (plan, good) = node::plan(
+        let (mut plan, mut good) = node::plan(
             &policies,
             &labels,
             &self.opts.namespace,
             &lookup,
             &self.last_good,
         );
+        node::add_undecodable(&mut plan, &mut good, &self.last_good, &undecodable, &labels);
         self.last_good = good;
         if self.applied.as_ref() != Some(&plan.instances) {
             let report = self
@@ -431,8 +501,9 @@ impl Agent {
                     if self.reported.get(name) != Some(&p.message) {
                         self.reported.insert(name.clone(), p.message.clone());
                         tracing::error!(policy = %name, reason = %p.reason, "{}", p.message);
-                        if let Some(pol) = policies.iter().find(|x| policy_name(x) == name) {
-                            let r = policy_ref(pol);
+                        if let Some(r) =
+                            policy_ref_by_name(&self.policies, &self.policy_resource, name)
+                        {
                             self.publish(true, &p.reason, &p.message, r).await;
                         }
                     }
@@ -499,24 +570,21 @@ impl Agent {
             .map(|i| (i, (i.id.clone(), i.restarts)))
         {
             if self.failed.insert(failed) {
-                if let Some(p) = self
-                    .policies
-                    .state()
-                    .iter()
-                    .find(|p| policy_name(p) == i.id.policy)
+                if let Some(r) =
+                    policy_ref_by_name(&self.policies, &self.policy_resource, &i.id.policy)
                 {
                     let msg = format!(
                         "plugin {} failed: {}",
                         i.id.kind,
                         i.last_error.as_deref().unwrap_or("ended")
                     );
-                    self.publish(true, "PluginFailed", &msg, policy_ref(p))
-                        .await;
+                    self.publish(true, "PluginFailed", &msg, r).await;
                 }
             }
         }
-        for p in self.policies.state() {
-            let name = p.name_any();
+        let targets = decode_all(&self.policies).targets();
+        for p in &targets {
+            let name = p.name.clone();
             let prev_in_store: Option<NodeStatus> = p
                 .status
                 .as_ref()
@@ -552,7 +620,7 @@ impl Agent {
                         .or(prev_in_store.clone());
                     status::node_entry(
                         &self.opts.node_name,
-                        p.metadata.generation,
+                        p.generation,
                         &outcome,
                         &insts,
                         &errs,
@@ -618,7 +686,10 @@ impl Agent {
                 .as_ref()
                 .map(|s| s.nodes.clone())
                 .unwrap_or_default();
-            let (plugins, applied, degraded) = status::summary(&p.spec, &nodes);
+            let Some(spec) = &p.spec else {
+                continue; // undecodable: no summary
+            };
+            let (plugins, applied, degraded) = status::summary(spec, &nodes);
             let shown = p
                 .status
                 .as_ref()
@@ -627,7 +698,7 @@ impl Agent {
             if node_present && shown.as_ref() != Some(&want) {
                 let body = serde_json::json!({
                     "apiVersion": API_VERSION, "kind": KIND,
-                    "metadata": {"name": name, "resourceVersion": p.resource_version()},
+                    "metadata": {"name": name, "resourceVersion": p.resource_version},
                     "status": {"plugins": plugins, "appliedNodes": applied, "degradedNodes": degraded},
                 });
                 if let Err(e) = api
@@ -642,7 +713,7 @@ impl Agent {
                 }
             }
         }
-        let live: BTreeSet<String> = self.policies.state().iter().map(|p| p.name_any()).collect();
+        let live: BTreeSet<String> = targets.iter().map(|p| p.name.clone()).collect();
         self.written.retain(|n, _| live.contains(n));
         Ok(())
     }
@@ -653,12 +724,15 @@ impl Agent {
     /// patch that first tests the entry's node name at its index makes concurrent sweeps harmless.
     async fn sweep_stale_entries(&self) {
         let me = &self.opts.node_name;
-        let others: BTreeSet<String> = self
+        let statuses: Vec<(String, crate::policy::ReactorPolicyStatus)> = self
             .policies
             .state()
             .iter()
-            .filter_map(|p| p.status.as_ref())
-            .flat_map(|s| s.nodes.iter().map(|n| n.node.clone()))
+            .filter_map(|o| Some((o.name_any(), status_of(o)?)))
+            .collect();
+        let others: BTreeSet<String> = statuses
+            .iter()
+            .flat_map(|(_, s)| s.nodes.iter().map(|n| n.node.clone()))
             .filter(|n| n != me)
             .collect();
         if others.is_empty() {
@@ -673,8 +747,7 @@ impl Agent {
             }
         };
         let api: Api<ReactorPolicy> = Api::all(self.client.clone());
-        for p in self.policies.state() {
-            let Some(st) = &p.status else { continue };
+        for (name, st) in &statuses {
             let ops = stale_entry_ops(&st.nodes, &alive);
             if ops.is_empty() {
                 continue;
@@ -683,14 +756,14 @@ impl Agent {
                 serde_json::from_value(serde_json::Value::Array(ops)).map(Patch::Json);
             let Ok(patch) = patch else { continue };
             match api
-                .patch_status(&p.name_any(), &PatchParams::default(), &patch)
+                .patch_status(name, &PatchParams::default(), &patch)
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(policy = %p.name_any(), "removed status entries of deleted Nodes")
+                    tracing::info!(policy = %name, "removed status entries of deleted Nodes")
                 }
                 Err(e) => {
-                    tracing::debug!(policy = %p.name_any(), error = %e, "stale-entry sweep raced; retried later")
+                    tracing::debug!(policy = %name, error = %e, "stale-entry sweep raced; retried later")
                 }
             }
         }
@@ -734,19 +807,16 @@ pub fn k8s_event(node: &str, warning: bool, reason: &str, message: &str) -> KEve
     }
 }
 
-/// The Event for a plugin instance's action, and the policy it is attached to.
+/// The Event for a plugin instance's action, and the policy it is attached to (`policy`: its reference
+/// when it is known).
 pub fn plugin_event(
     node: &str,
     ev: &PluginEvent,
-    policies: &[Arc<ReactorPolicy>],
+    policy: Option<ObjectReference>,
 ) -> (KEvent, ObjectReference) {
-    let r = match policies
-        .iter()
-        .find(|p| policy_name(p) == ev.instance.policy)
-    {
-        Some(p) => policy_ref(p),
-        None => ReactorPolicy::new(&ev.instance.policy, Default::default()).object_ref(&()),
-    };
+    let r = policy.unwrap_or_else(|| {
+        ReactorPolicy::new(&ev.instance.policy, Default::default()).object_ref(&())
+    });
     let msg = format!("{}: {}", ev.instance.kind, ev.message);
     (k8s_event(node, ev.warning, &ev.reason, &msg), r)
 }
@@ -777,12 +847,14 @@ async fn send(recorder: &Recorder, m: &K8sMetrics, ev: &KEvent, r: &ObjectRefere
 async fn forward_plugin_events(
     mut rx: mpsc::UnboundedReceiver<PluginEvent>,
     recorder: Recorder,
-    policies: Store<ReactorPolicy>,
+    policies: Store<DynamicObject>,
+    ar: ApiResource,
     m: K8sMetrics,
     node: String,
 ) {
     while let Some(ev) = rx.recv().await {
-        let (e, r) = plugin_event(&node, &ev, &policies.state());
+        let reference = policy_ref_by_name(&policies, &ar, &ev.instance.policy);
+        let (e, r) = plugin_event(&node, &ev, reference);
         send(&recorder, &m, &e, &r).await;
     }
 }
@@ -853,9 +925,12 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let wake = Arc::new(Notify::new());
     let triggers = Arc::new(Mutex::new(Triggers::default()));
     let t = triggers.clone();
+    // Dynamic objects: a policy the agent cannot decode must not fail the list of all of them.
+    let policy_resource = ApiResource::erase::<ReactorPolicy>(&());
     let (policies, l1, t1) = spawn_reflector(
         "reactorpolicies",
-        Api::<ReactorPolicy>::all(client.clone()),
+        Api::<DynamicObject>::all_with(client.clone(), &policy_resource),
+        policy_resource.clone(),
         watcher::Config::default(),
         wake.clone(),
         api_state.clone(),
@@ -865,6 +940,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let (nodes, l2, t2) = spawn_reflector(
         "nodes",
         Api::<Node>::all(client.clone()),
+        (),
         watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name)),
         wake.clone(),
         api_state.clone(),
@@ -874,6 +950,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
     let (config_maps, l3, t3) = spawn_reflector(
         "configmaps",
         Api::<ConfigMap>::namespaced(client.clone(), &opts.namespace),
+        (),
         watcher::Config::default(),
         wake.clone(),
         api_state.clone(),
@@ -890,6 +967,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
         ev_rx,
         recorder.clone(),
         policies.clone(),
+        policy_resource.clone(),
         k8s_metrics.clone(),
         opts.node_name.clone(),
     ));
@@ -903,6 +981,7 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
         metrics: metrics.clone(),
         k8s_metrics,
         policies,
+        policy_resource,
         nodes,
         config_maps,
         http_policies,
@@ -984,6 +1063,10 @@ pub async fn run(opts: K8sOptions) -> Result<(), K8sError> {
 mod tests {
     use super::*;
 
+    fn policy_ref(p: &ReactorPolicy) -> ObjectReference {
+        p.object_ref(&())
+    }
+
     fn pol(name: &str, generation: i64, status_nodes: usize) -> ReactorPolicy {
         let mut p = ReactorPolicy::new(name, Default::default());
         p.metadata.uid = Some("u".into());
@@ -1004,7 +1087,7 @@ mod tests {
     fn status_writes_do_not_wake_agents() {
         let mut t = Triggers::default();
         assert!(t.policy(&watcher::Event::InitApply(pol("a", 1, 0))));
-        assert!(t.policy(&watcher::Event::InitDone));
+        assert!(t.policy(&watcher::Event::<ReactorPolicy>::InitDone));
         // another agent wrote its entry: same generation
         assert!(!t.policy(&watcher::Event::Apply(pol("a", 1, 1))));
         assert!(!t.policy(&watcher::Event::Apply(pol("a", 1, 3))));
@@ -1075,7 +1158,7 @@ mod tests {
             reason: "StartFailed".into(),
             message: "r0: mount failed".into(),
         };
-        let (e, r) = plugin_event("n7", &ev, &[Arc::new(p)]);
+        let (e, r) = plugin_event("n7", &ev, Some(policy_ref(&p)));
         assert_eq!(e.type_, EventType::Warning);
         assert_eq!(e.reason, "StartFailed");
         assert_eq!(

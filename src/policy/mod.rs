@@ -237,41 +237,84 @@ pub fn validate(p: &ReactorPolicy) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// A DRBD resource that several policies applying to one node want to promote.
+/// A DRBD resource that some of the policies applying to one node may not promote there: several
+/// policies want to promote it, or one of its start units is already another resource's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PromoterConflict {
+    /// The resource the losers are not run for.
     pub resource: String,
-    /// The policy that manages the resource (its name sorts first).
+    /// The policy that keeps what is contested (its name sorts first).
     pub winner: String,
-    /// The policies that do not manage it on this node.
+    /// The policies that do not run `resource` on this node.
     pub losers: Vec<String>,
+    /// For a start-unit conflict: the unit and the resource of `winner` that keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<UnitClash>,
+}
+
+/// A start unit two resources list: the promoter writes one drop-in per start unit, binding it to its
+/// resource's target, so a second resource would take it over (and remove it when it leaves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitClash {
+    pub unit: String,
+    pub kept_by: String,
 }
 
 impl std::fmt::Display for PromoterConflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DRBD resource '{}' is promoted by policies {} and {}; '{}' manages it, the others are not run for it",
-            self.resource,
-            self.winner,
-            self.losers.join(", "),
-            self.winner
-        )
+        match &self.unit {
+            None => write!(
+                f,
+                "DRBD resource '{}' is promoted by policies {} and {}; '{}' manages it, the others are not run for it",
+                self.resource,
+                self.winner,
+                self.losers.join(", "),
+                self.winner
+            ),
+            Some(c) => write!(
+                f,
+                "start unit {} of DRBD resource '{}' (policy {}) is already the start unit of resource '{}' (policy {}); '{}' is not run",
+                c.unit,
+                self.resource,
+                self.losers.join(", "),
+                c.kept_by,
+                self.winner,
+                self.resource
+            ),
+        }
     }
 }
 
-/// The DRBD resources that more than one of the policies applying to a node (by its labels) promote.
-/// The policy whose name sorts first wins; the others are not run for that resource on the node.
+/// The systemd units a promoted resource starts (none for the shell runner).
+fn start_units(r: &crate::plugins::promoter::spec::PromotedResource) -> Vec<String> {
+    use crate::plugins::promoter::{spec, units};
+    if r.runner != spec::Runner::Systemd {
+        return Vec::new();
+    }
+    r.start
+        .iter()
+        .filter_map(|s| spec::parse_entry(s.trim()).ok())
+        .map(|e| units::unit_of(&e, &r.name))
+        .collect()
+}
+
+/// The promoter conflicts between the policies applying to a node (by its labels). A DRBD resource
+/// that several policies promote is run by the policy whose name sorts first. Then, in that order
+/// (policy name, then the order of its resources), a resource that lists a start unit an earlier
+/// resource already starts is not run: one unit, one drop-in, one owner.
 pub fn promoter_conflicts(
     policies: &[ReactorPolicy],
     node_labels: &BTreeMap<String, String>,
 ) -> Vec<PromoterConflict> {
-    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for p in policies
+    let mut selected: Vec<&ReactorPolicy> = policies
         .iter()
         .filter(|p| selects(p.spec.node_selector.as_ref(), node_labels))
-    {
+        .collect();
+    selected.sort_by(|a, b| policy_name(a).cmp(policy_name(b)));
+    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for p in &selected {
         for r in p.spec.promoter.iter().flat_map(|s| &s.resources) {
             claims
                 .entry(r.name.as_str())
@@ -279,7 +322,7 @@ pub fn promoter_conflicts(
                 .push(policy_name(p));
         }
     }
-    claims
+    let mut out: Vec<PromoterConflict> = claims
         .into_iter()
         .filter(|(_, ps)| ps.len() > 1)
         .map(|(res, mut ps)| {
@@ -289,9 +332,49 @@ pub fn promoter_conflicts(
                 resource: res.to_string(),
                 winner: ps[0].to_string(),
                 losers: ps[1..].iter().map(|s| s.to_string()).collect(),
+                unit: None,
             }
         })
-        .collect()
+        .collect();
+    // start units of the resources that survived, first come first kept
+    let mut owners: BTreeMap<String, (&str, &str)> = BTreeMap::new();
+    let mut unit_conflicts = Vec::new();
+    for p in &selected {
+        let pname = policy_name(p);
+        for r in p.spec.promoter.iter().flat_map(|s| &s.resources) {
+            let lost = out
+                .iter()
+                .any(|c| c.resource == r.name && c.losers.iter().any(|l| l == pname));
+            if lost {
+                continue;
+            }
+            let units = start_units(r);
+            let clash = units.iter().find_map(|u| {
+                owners
+                    .get(u)
+                    .filter(|(_, res)| *res != r.name)
+                    .map(|(wp, wr)| (u.clone(), *wp, *wr))
+            });
+            match clash {
+                Some((unit, wp, wr)) => unit_conflicts.push(PromoterConflict {
+                    resource: r.name.clone(),
+                    winner: wp.to_string(),
+                    losers: vec![pname.to_string()],
+                    unit: Some(UnitClash {
+                        unit,
+                        kept_by: wr.to_string(),
+                    }),
+                }),
+                None => {
+                    for u in units {
+                        owners.entry(u).or_insert((pname, r.name.as_str()));
+                    }
+                }
+            }
+        }
+    }
+    out.extend(unit_conflicts);
+    out
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -459,6 +542,44 @@ mod tests {
     }
 
     #[test]
+    fn a_start_unit_of_two_resources_is_a_conflict() {
+        let doc = |name: &str, res: &str, units: &str| {
+            format!("apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata:\n  name: {name}\nspec:\n  promoter:\n    resources:\n      - name: {res}\n        start: [{units}]\n")
+        };
+        let mut ps = parse_documents(&doc("b", "r1", "shared.mount, b.service")).unwrap();
+        ps.extend(parse_documents(&doc("a", "r0", "shared.mount")).unwrap());
+        ps.extend(parse_documents(&doc("c", "r2", "c.service")).unwrap());
+        let labels = BTreeMap::new();
+        let conflicts = promoter_conflicts(&ps, &labels);
+        assert_eq!(
+            conflicts,
+            vec![PromoterConflict {
+                resource: "r1".into(),
+                winner: "a".into(),
+                losers: vec!["b".into()],
+                unit: Some(UnitClash {
+                    unit: "shared.mount".into(),
+                    kept_by: "r0".into()
+                }),
+            }]
+        );
+        assert!(
+            conflicts[0]
+                .to_string()
+                .contains("start unit shared.mount of DRBD resource 'r1'"),
+            "{}",
+            conflicts[0]
+        );
+        let inst = desired_instances(&ps, &labels);
+        let ids: Vec<String> = inst.iter().map(|i| i.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["a/promoter", "c/promoter"],
+            "b has nothing left to run here"
+        );
+    }
+
+    #[test]
     fn promoter_section_and_conflicts() {
         let a = promoter_policy("a", &["r0", "r1"], "");
         let b = promoter_policy("b", &["r1", "r2"], "");
@@ -477,7 +598,8 @@ mod tests {
             vec![PromoterConflict {
                 resource: "r1".into(),
                 winner: "a".into(),
-                losers: vec!["b".into()]
+                losers: vec!["b".into()],
+                unit: None,
             }]
         );
         assert!(conflicts[0].to_string().contains("'a' manages it"));
@@ -540,8 +662,14 @@ mod tests {
             .iter()
             .map(|r| r["rule"].as_str().unwrap())
             .collect();
-        assert_eq!(rules.len(), 4);
+        assert_eq!(rules.len(), 5);
         assert_eq!(rules[0], "size(self.start) > 0");
+        assert!(
+            rules[2].contains("!(s in ['-.mount'")
+                && rules[2].contains("!s.startsWith('systemd-')"),
+            "{}",
+            rules[2]
+        );
         assert!(
             rules[1]
                 .contains("!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket')"),

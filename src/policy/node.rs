@@ -148,10 +148,16 @@ pub fn conflicts(selected: &[&ReactorPolicy]) -> BTreeMap<String, String> {
     let everything = BTreeMap::new();
     for c in super::promoter_conflicts(&owned, &everything) {
         for l in &c.losers {
-            out.entry(l.clone()).or_default().push(format!(
-                "promoter resource {} is promoted by policy {} on this node; not run by this policy",
-                c.resource, c.winner
-            ));
+            out.entry(l.clone()).or_default().push(match &c.unit {
+                None => format!(
+                    "promoter resource {} is promoted by policy {} on this node; not run by this policy",
+                    c.resource, c.winner
+                ),
+                Some(u) => format!(
+                    "promoter resource {}: its start unit {} is already started for resource {} of policy {} on this node; not run by this policy",
+                    c.resource, u.unit, u.kept_by, c.winner
+                ),
+            });
         }
     }
     out.into_iter().map(|(k, v)| (k, v.join("; "))).collect()
@@ -244,6 +250,104 @@ pub fn plan(
     (out, good)
 }
 
+/// A policy the API server holds but the agent cannot read as a [`ReactorPolicy`] (stored before the
+/// CRD was tightened, or a shape the schema cannot refuse). It is reported on its own status and as an
+/// Event; the other policies run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable {
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+    /// Its `spec.nodeSelector`, when that part reads (`Err` when it does not: then it is reported on
+    /// every node, which cannot tell).
+    pub node_selector: Result<Option<super::LabelSelector>, ()>,
+    /// Its status, when that part reads (to keep the other nodes' entries and transition times).
+    pub status: Option<super::status::ReactorPolicyStatus>,
+    /// What does not read, with the field path (`spec.umh.device[0].volume: …`).
+    pub message: String,
+}
+
+/// Decodes one policy object as the API server sent it (JSON), on its own: one that does not read
+/// does not keep the others from being read.
+pub fn decode(v: serde_json::Value) -> Result<ReactorPolicy, Box<Undecodable>> {
+    let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta = v
+        .get("metadata")
+        .cloned()
+        .and_then(|m| serde_json::from_value(m).ok())
+        .unwrap_or_default();
+    let selector = match v.get("spec").and_then(|s| s.get("nodeSelector")) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(sel) => serde_json::from_value(sel.clone())
+            .map(Some)
+            .map_err(|_| ()),
+    };
+    let status = v
+        .get("status")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok());
+    serde_path_to_error::deserialize::<_, ReactorPolicy>(v).map_err(|e| {
+        let path = e.path().to_string();
+        Box::new(Undecodable {
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone().unwrap_or_default(),
+            generation: meta.generation,
+            node_selector: selector,
+            status,
+            message: format!(
+                "the agent cannot read this policy: {}: {}",
+                if path == "." { "(object)" } else { &path },
+                e.into_inner()
+            ),
+        })
+    })
+}
+
+/// Adds the undecodable policies to a plan: each that may select this node is reported
+/// (`InvalidPolicy`, with what does not read); one whose last valid version ran keeps it running, as
+/// an invalid policy does.
+pub fn add_undecodable(
+    plan: &mut Plan,
+    good: &mut LastGood,
+    last_good: &LastGood,
+    bad: &[Undecodable],
+    node_labels: &BTreeMap<String, String>,
+) {
+    for u in bad {
+        let selected = match &u.node_selector {
+            Ok(sel) => super::selects(sel.as_ref(), node_labels),
+            Err(()) => true,
+        };
+        if !selected {
+            plan.outcomes.insert(u.name.clone(), Outcome::NotSelected);
+            continue;
+        }
+        let previous = last_good
+            .get(&u.name)
+            .filter(|(uid, _)| *uid == u.uid)
+            .map(|(_, v)| v.clone());
+        let mut message = u.message.clone();
+        let run = match previous {
+            Some(prev) => {
+                message.push_str("; the last valid version keeps running");
+                good.insert(u.name.clone(), (u.uid.clone(), prev.clone()));
+                prev
+            }
+            None => Vec::new(),
+        };
+        plan.outcomes.insert(
+            u.name.clone(),
+            Outcome::Selected {
+                instances: run.iter().map(|s| s.id.clone()).collect(),
+                problem: Some(Problem {
+                    reason: "InvalidPolicy".into(),
+                    message,
+                }),
+            },
+        );
+        plan.instances.extend(run);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +379,102 @@ mod tests {
                 .flatten()
                 .map(|s| [("on-primary".to_string(), s)].into())
         }
+    }
+
+    #[test]
+    fn an_undecodable_policy_is_reported_on_its_own() {
+        let obj = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "reactor.drbd.io/v1alpha1", "kind": "ReactorPolicy",
+                "metadata": {"name": name, "uid": format!("u-{name}"), "generation": 2}, "spec": spec})
+        };
+        let good = decode(obj("good", serde_json::json!({"debugger": {}}))).unwrap();
+        let bad = *decode(obj(
+            "bad",
+            serde_json::json!({"nodeSelector": {"matchLabels": {"zone": "a"}},
+                "umh": {"device": [{"name": "d", "volume": "x", "command": ["true"]}]}}),
+        ))
+        .unwrap_err();
+        assert_eq!(bad.name, "bad");
+        assert_eq!(bad.generation, Some(2));
+        assert!(
+            bad.message.contains("spec.umh.device[0].volume"),
+            "{}",
+            bad.message
+        );
+        let (mut p, mut g) = plan(
+            &[good],
+            &labels(&[("zone", "a")]),
+            "ns",
+            &cms(None),
+            &LastGood::new(),
+        );
+        add_undecodable(
+            &mut p,
+            &mut g,
+            &LastGood::new(),
+            std::slice::from_ref(&bad),
+            &labels(&[("zone", "a")]),
+        );
+        assert_eq!(p.instances.len(), 1, "the good policy runs");
+        match &p.outcomes["bad"] {
+            Outcome::Selected {
+                instances,
+                problem: Some(pr),
+            } => {
+                assert!(instances.is_empty());
+                assert_eq!(pr.reason, "InvalidPolicy");
+                assert!(pr.message.contains("cannot read"));
+            }
+            o => panic!("{o:?}"),
+        }
+        // not selected by its (readable) nodeSelector: no entry
+        let mut p2 = Plan::default();
+        add_undecodable(
+            &mut p2,
+            &mut g,
+            &LastGood::new(),
+            std::slice::from_ref(&bad),
+            &labels(&[("zone", "b")]),
+        );
+        assert_eq!(p2.outcomes["bad"], Outcome::NotSelected);
+        // it ran before under the same uid: the last valid version keeps running
+        let before: LastGood = [(
+            "bad".to_string(),
+            ("u-bad".to_string(), p.instances.clone()),
+        )]
+        .into();
+        let mut p3 = Plan::default();
+        let mut g3 = LastGood::new();
+        add_undecodable(&mut p3, &mut g3, &before, &[bad], &labels(&[("zone", "a")]));
+        assert_eq!(p3.instances.len(), 1);
+        assert!(g3.contains_key("bad"));
+    }
+
+    #[test]
+    fn a_start_unit_of_another_policys_resource_is_a_conflict_on_status() {
+        let ps = vec![
+            pol("a", "u1", "promoter:\n  resources:\n  - {name: r0, start: [shared.mount]}\n"),
+            pol("b", "u2", "promoter:\n  resources:\n  - {name: r1, start: [shared.mount]}\n  - {name: r2, start: [b.service]}\n"),
+        ];
+        let (p, _) = plan(&ps, &labels(&[]), "ns", &cms(None), &LastGood::new());
+        match &p.outcomes["b"] {
+            Outcome::Selected {
+                instances,
+                problem: Some(pr),
+            } => {
+                assert_eq!(pr.reason, "Conflict");
+                assert!(
+                    pr.message.contains("promoter resource r1: its start unit shared.mount is already started for resource r0 of policy a"),
+                    "{}",
+                    pr.message
+                );
+                assert_eq!(instances.len(), 1, "b still runs r2");
+            }
+            o => panic!("{o:?}"),
+        }
+        let b = p.instances.iter().find(|i| i.id.policy == "b").unwrap();
+        assert_eq!(b.config["resources"].as_array().unwrap().len(), 1);
+        assert_eq!(b.config["resources"][0]["name"], "r2");
     }
 
     #[test]
@@ -498,6 +698,22 @@ mod tests {
         assert_eq!(e.state, "Degraded");
         assert_eq!(e.conditions[1].reason, "ResourceBlocked");
         assert!(e.conditions[1].message.contains("r1 blocked: quorum lost"));
+        // unit files that could not be written degrade, with the reason
+        let prom = inst(
+            "p",
+            "promoter",
+            InstanceState::Running,
+            Some(
+                serde_json::json!({"resources": [{"name": "r0", "state": "standby"}],
+                "unitFiles": {"state": "Degraded", "reason": "r0: writing unit files in /run/systemd/system: x: Not a directory"}}),
+            ),
+        );
+        let e = node_entry("n1", Some(1), &ok, &[&prom], &[], None, "t0").unwrap();
+        assert_eq!(e.state, "Degraded");
+        assert_eq!(e.conditions[1].reason, "UnitFilesFailed");
+        assert!(e.conditions[1]
+            .message
+            .contains("unit files: r0: writing unit files"));
         // no promoter detail: no resources, no error
         let prom = inst("p", "promoter", InstanceState::Running, None);
         let e = node_entry("n1", Some(1), &ok, &[&prom], &[], None, "t0").unwrap();

@@ -244,8 +244,17 @@ pub fn node_entry(
             format!("running: {}", plugins.join(", ")),
         )
     };
+    // the promoter's unit files that could not be written (retried meanwhile)
+    let files: Vec<String> = instances
+        .iter()
+        .filter(|i| i.id.kind == "promoter")
+        .filter_map(|i| i.detail.as_ref()?.get("unitFiles")?.get("reason")?.as_str())
+        .map(|r| format!("unit files: {r}"))
+        .collect();
     let (degraded, d_reason, d_msg) = if !failed.is_empty() {
         (true, "PluginFailed", failed.join("; "))
+    } else if !files.is_empty() {
+        (true, "UnitFilesFailed", files.join("; "))
     } else if !blocked.is_empty() {
         (true, "ResourceBlocked", blocked.join("; "))
     } else if !applied {

@@ -54,3 +54,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "drbd-reactor.metricsService" -}}
 {{- printf "%s-metrics" (include "drbd-reactor.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/*
+Whether the pod must be privileged: the promoter (the host's systemd) or `where: host` UMH rules.
+*/}}
+{{- define "drbd-reactor.privileged" -}}
+{{- if or .Values.promoter.enabled .Values.umh.hostCommands }}true{{ end }}
+{{- end }}

@@ -62,6 +62,9 @@ pub struct PromoterOptions {
     pub timing: Timing,
     /// Shared by all instances of the agent: which instance manages which resource.
     pub registry: Arc<Registry>,
+    /// Whether promoter policies are accepted (`--allow-promoter`; off in the chart's default,
+    /// unprivileged install, which has no access to the host's systemd).
+    pub enabled: bool,
 }
 
 impl Default for PromoterOptions {
@@ -77,6 +80,7 @@ impl Default for PromoterOptions {
             host_exec: Vec::new(),
             timing: Timing::default(),
             registry: Arc::new(Registry::default()),
+            enabled: true,
         }
     }
 }
@@ -176,6 +180,12 @@ impl Promoter {
         let cfg: PromoterSpec = serde_json::from_value(spec.config.clone())
             .map_err(|e| config_err(format!("spec.promoter: {e}")))?;
         spec::validate(&cfg, "spec.promoter").map_err(config_err)?;
+        if !opts.enabled {
+            return Err(config_err(
+                "spec.promoter: this agent does not run the promoter (--allow-promoter=false; the chart's \
+                 promoter.enabled is off: no access to the host's systemd, see docs/security.md)",
+            ));
+        }
         let systemd = cfg.resources.iter().any(|r| r.runner == Runner::Systemd);
         if systemd && opts.manager.is_none() {
             return Err(config_err(
@@ -201,27 +211,115 @@ impl Promoter {
     }
 }
 
-/// Writes templates and every resource's files; returns whether systemd must reload.
+/// Unit files not (all) in place: which resources lack theirs (all of them when the templates
+/// failed), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesMissing {
+    pub resources: std::collections::BTreeSet<String>,
+    pub reason: String,
+}
+
+/// Writes templates and every resource's files; returns whether systemd must reload, and what failed. A
+/// resource whose files fail does not keep the others from theirs.
 fn write_files(
     dir: &UnitDir,
     files: &[(String, Vec<UnitFile>)],
     templates: Templates,
     search: &[PathBuf],
     any_systemd: bool,
-) -> Result<bool, String> {
+) -> (bool, Result<(), FilesMissing>) {
     let mut changed = false;
+    let mut errors = Vec::new();
+    let mut missing = std::collections::BTreeSet::new();
     if any_systemd {
-        changed |= match templates {
+        match match templates {
             Templates::Auto => dir.ensure_templates(&units::templates(), search),
             Templates::Always => dir.ensure_templates(&units::templates(), &[]),
             Templates::Never => Ok(false),
+        } {
+            Ok(c) => changed |= c,
+            Err(e) => {
+                errors.push(format!("templates: {e}"));
+                missing.extend(files.iter().map(|(r, _)| r.clone()));
+            }
         }
-        .map_err(|e| e.to_string())?;
     }
     for (res, f) in files {
-        changed |= dir.sync_resource(res, f).map_err(|e| e.to_string())?;
+        match dir.sync_resource(res, f) {
+            Ok(c) => changed |= c,
+            Err(e) => {
+                errors.push(format!("{res}: {e}"));
+                missing.insert(res.clone());
+            }
+        }
     }
-    Ok(changed)
+    let r = if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(FilesMissing {
+            resources: missing,
+            reason: errors.join("; "),
+        })
+    };
+    (changed, r)
+}
+
+/// First retry of unit files that could not be written; doubled up to [`FILES_RETRY_MAX`].
+pub const FILES_RETRY: Duration = Duration::from_secs(1);
+pub const FILES_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What an instance writes: its resources' files and, if any runs with systemd, the templates.
+#[derive(Clone)]
+struct FileSet {
+    dir: UnitDir,
+    batch: Vec<(String, Vec<UnitFile>)>,
+    templates: Templates,
+    search: Vec<PathBuf>,
+    any_systemd: bool,
+}
+
+impl FileSet {
+    /// Writes the files (on a blocking thread), then reloads systemd if anything changed. `Err` is the
+    /// reason the files are not in place (for `/status` and the retry).
+    async fn sync(
+        &self,
+        ctx: &PluginCtx,
+        manager: Option<&Arc<dyn ServiceManager>>,
+    ) -> Result<(), FilesMissing> {
+        let t0 = Instant::now();
+        let me = self.clone();
+        let (changed, written) = tokio::task::spawn_blocking(move || {
+            write_files(&me.dir, &me.batch, me.templates, &me.search, me.any_systemd)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let resources = self.batch.iter().map(|(r, _)| r.clone()).collect();
+            (
+                false,
+                Err(FilesMissing {
+                    resources,
+                    reason: e.to_string(),
+                }),
+            )
+        });
+        tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t0.elapsed().as_millis() as u64,
+            changed, result = ?written, "unit files written");
+        if changed {
+            if let Some(m) = manager {
+                let t0 = Instant::now();
+                if let Err(e) = m.reload().await {
+                    ctx.event(
+                        true,
+                        "ReloadFailed",
+                        format!("systemd daemon-reload failed: {e}"),
+                    );
+                }
+                tracing::debug!(target: "promoter", instance = %ctx.id,
+                    elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
+            }
+        }
+        written
+    }
 }
 
 /// What comes back from an effect task.
@@ -242,6 +340,9 @@ struct Driver {
     tx: mpsc::UnboundedSender<(usize, Back)>,
     ctx: PluginCtx,
     timing: Timing,
+    /// Which unit files are not (all) written, and why, while they are retried. A resource without
+    /// its files is not started (its target would come up without its units).
+    files_error: Option<FilesMissing>,
 }
 
 impl Driver {
@@ -286,6 +387,21 @@ impl Driver {
                     let _ = tx.send((i, Back::Detected(r)));
                 });
             }
+            Action::Start
+                if self
+                    .files_error
+                    .as_ref()
+                    .is_some_and(|f| f.resources.contains(&spec.name)) =>
+            {
+                let why = format!(
+                    "its unit files are not written yet: {}",
+                    self.files_error
+                        .as_ref()
+                        .map(|f| f.reason.as_str())
+                        .unwrap_or_default()
+                );
+                let _ = tx.send((i, Back::Done(ActionKind::Start, Outcome::Failed(why))));
+            }
             Action::Start | Action::Stop | Action::Freeze | Action::Thaw => {
                 let kind = match a {
                     Action::Start => ActionKind::Start,
@@ -314,9 +430,15 @@ impl Driver {
         self.dirty = false;
         let now = Instant::now();
         let list: Vec<_> = self.res.iter().map(|r| r.status(now)).collect();
-        self.ctx
-            .detail
-            .set(serde_json::json!({ "resources": list }));
+        let mut detail = serde_json::json!({ "resources": list });
+        if let Some(e) = &self.files_error {
+            detail["unitFiles"] = serde_json::json!({
+                "state": crate::policy::status::STATE_DEGRADED,
+                "reason": e.reason,
+                "resources": e.resources,
+            });
+        }
+        self.ctx.detail.set(detail);
     }
 }
 
@@ -349,33 +471,27 @@ impl Plugin for Promoter {
             let dir = UnitDir::new(&opts.unit_dir);
 
             // 1. Unit files, then one reload (on a slow host it takes seconds: 3-9 s on the QEMU guests
-            // of the real-DRBD lab, most of an agent's time to its first decision).
+            // of the real-DRBD lab, most of an agent's time to its first decision). Files that cannot
+            // be written are retried with a backoff, and shown as Degraded meanwhile.
             let t_setup = Instant::now();
-            let batch: Vec<(String, Vec<UnitFile>)> = me
-                .resources
-                .iter()
-                .map(|r| r.name.clone())
-                .zip(me.files.iter().cloned())
-                .collect();
-            let (d, t, s) = (dir.clone(), opts.templates, opts.template_search.clone());
-            let written = tokio::task::spawn_blocking(move || write_files(&d, &batch, t, &s, any_systemd))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            tracing::debug!(target: "promoter", instance = %ctx.id, elapsed_ms = t_setup.elapsed().as_millis() as u64,
-                changed = ?written, "unit files written");
-            match written {
-                Ok(true) => {
-                    if let Some(m) = &opts.manager {
-                        let t0 = Instant::now();
-                        if let Err(e) = m.reload().await {
-                            ctx.event(true, "ReloadFailed", format!("systemd daemon-reload failed: {e}"));
-                        }
-                        tracing::debug!(target: "promoter", instance = %ctx.id,
-                            elapsed_ms = t0.elapsed().as_millis() as u64, "systemd daemon-reload done");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => ctx.event(true, "UnitFiles", format!("writing unit files failed: {e}")),
+            let files = FileSet {
+                dir: dir.clone(),
+                batch: me
+                    .resources
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .zip(me.files.iter().cloned())
+                    .collect(),
+                templates: opts.templates,
+                search: opts.template_search.clone(),
+                any_systemd,
+            };
+            let mut files_error = files.sync(&ctx, opts.manager.as_ref()).await.err();
+            let mut files_backoff = FILES_RETRY;
+            let mut files_retry = None;
+            if let Some(e) = &files_error {
+                ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {}", files_backoff.as_secs(), e.reason));
+                files_retry = Some(Instant::now() + files_backoff);
             }
 
             // 2. The decision state, and what systemd says runs already.
@@ -401,6 +517,7 @@ impl Plugin for Promoter {
                 tx,
                 ctx: ctx.clone(),
                 timing: opts.timing.clone(),
+                files_error: files_error.clone(),
             };
             let observed = futures::future::join_all(me.resources.iter().map(|r| eff.observe(r))).await;
             for (i, o) in observed.into_iter().enumerate() {
@@ -463,6 +580,26 @@ impl Plugin for Promoter {
                                 run.step(i, Input::Tick);
                             }
                         }
+                    }
+                    _ = async { tokio::time::sleep_until(files_retry.expect("checked").into()).await }, if files_retry.is_some() => {
+                        match files.sync(&ctx, opts.manager.as_ref()).await {
+                            Ok(()) => {
+                                ctx.event(false, "UnitFiles", "unit files written");
+                                files_error = None;
+                                files_retry = None;
+                                files_backoff = FILES_RETRY;
+                            }
+                            Err(e) => {
+                                files_backoff = (files_backoff * 2).min(FILES_RETRY_MAX);
+                                if files_error.as_ref() != Some(&e) {
+                                    ctx.event(true, "UnitFiles", format!("writing unit files failed (retrying in {} s): {}", files_backoff.as_secs(), e.reason));
+                                }
+                                files_error = Some(e);
+                                files_retry = Some(Instant::now() + files_backoff);
+                            }
+                        }
+                        run.files_error = files_error.clone();
+                        run.publish();
                     }
                     // Countdowns in the reasons ("waiting 3 s") refresh while a deadline is pending.
                     _ = publish.tick(), if run.dirty || wake.is_some() => run.publish(),

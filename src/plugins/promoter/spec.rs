@@ -143,6 +143,9 @@ fn is_false(b: &bool) -> bool {
     // it): the shape here, the full character check in the agent (`validate`), reported on the status.
     {"rule": "!has(self.runner) || self.runner != 'systemd' || self.start.all(s, s.startsWith('ocf:') || (!s.contains(' ') && (s.endsWith('.service') || s.endsWith('.socket') || s.endsWith('.device') || s.endsWith('.mount') || s.endsWith('.automount') || s.endsWith('.swap') || s.endsWith('.target') || s.endsWith('.path') || s.endsWith('.timer') || s.endsWith('.slice') || s.endsWith('.scope'))))",
      "message": "systemd runner: each start entry is a unit name without spaces ending in a unit type such as .service or .mount, or 'ocf:VENDOR:AGENT INSTANCE [k=v ...]'"},
+    // The host's own units (a part of REFUSED_UNITS and refused_start_unit; the agent checks them all).
+    {"rule": "!has(self.runner) || self.runner != 'systemd' || self.start.all(s, !(s in ['-.mount', 'init.scope', 'dbus.service', 'dbus.socket', 'kubelet.service']) && !s.endsWith('.slice') && !s.endsWith('.scope') && !s.endsWith('.device') && !s.startsWith('systemd-'))",
+     "message": "systemd runner: the host's own units (-.mount, slices, scopes, devices, systemd-*, dbus, kubelet, ...) may not be start units"},
     {"rule": "!has(self.runner) || self.runner != 'shell' || !has(self.onQuorumLoss) || self.onQuorumLoss != 'freeze'",
      "message": "onQuorumLoss freeze needs the systemd runner"},
     {"rule": "(has(self.runner) && self.runner == 'shell') || !has(self.stop) || size(self.stop) == 0",
@@ -307,6 +310,88 @@ pub fn valid_unit_name(s: &str) -> bool {
         })
 }
 
+/// Units that the host needs to run at all, or that are not the promoter's to start and stop: a
+/// promoter that stops them (on every demotion) takes the node, its bus or its kubelet down with it.
+/// Listed by name; see [`refused_start_unit`] for the patterns.
+pub const REFUSED_UNITS: &[&str] = &[
+    "-.mount",
+    "-.slice",
+    "init.scope",
+    "dbus.service",
+    "dbus.socket",
+    "dbus-broker.service",
+    "kubelet.service",
+    "containerd.service",
+    "docker.service",
+    "docker.socket",
+    "crio.service",
+    "ssh.service",
+    "sshd.service",
+    "drbd-reactor.service",
+    "drbd.service",
+    "default.target",
+    "multi-user.target",
+    "graphical.target",
+    "rescue.target",
+    "emergency.target",
+    "sysinit.target",
+    "basic.target",
+    "sockets.target",
+    "timers.target",
+    "paths.target",
+    "local-fs.target",
+    "remote-fs.target",
+    "network.target",
+    "network-online.target",
+    "shutdown.target",
+    "reboot.target",
+    "poweroff.target",
+    "halt.target",
+    "kexec.target",
+    "getty.target",
+];
+
+/// Why a unit may not be a promoter start unit, or `None` when it may: the names of
+/// [`REFUSED_UNITS`], every slice and scope (cgroup containers of other units and sessions), device
+/// units (systemd's, not startable), systemd's own units (`systemd-*`), user sessions (`user@*`,
+/// `user-*`, `session-*`), and the promoter's own generated units.
+pub fn refused_start_unit(unit: &str) -> Option<&'static str> {
+    let ty = unit.rsplit_once('.').map(|(_, t)| t).unwrap_or_default();
+    if REFUSED_UNITS.contains(&unit) {
+        Some("the host needs it running, and the promoter stops its start units on every demotion")
+    } else if matches!(ty, "slice" | "scope") {
+        Some("slices and scopes hold other units' and sessions' processes")
+    } else if ty == "device" {
+        Some("device units are the kernel's, not started")
+    } else if unit.starts_with("systemd-") {
+        Some("systemd's own units are not the promoter's to start and stop")
+    } else if [
+        "user@",
+        "user-",
+        "user-runtime-dir@",
+        "session-",
+        "getty@",
+        "serial-getty@",
+    ]
+    .iter()
+    .any(|p| unit.starts_with(p))
+    {
+        Some("login sessions and terminals are not the promoter's to start and stop")
+    } else if [
+        "drbd-services@",
+        "drbd-promote@",
+        "drbd-demote-or-escalate@",
+        "ocf.rs@",
+    ]
+    .iter()
+    .any(|p| unit.starts_with(p))
+    {
+        Some("the promoter generates this unit itself")
+    } else {
+        None
+    }
+}
+
 /// A start entry of the systemd runner: an OCF agent or a unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -445,6 +530,15 @@ pub fn validate(spec: &PromoterSpec, base: &str) -> Result<(), SpecError> {
                 }
                 for (j, s) in r.start.iter().enumerate() {
                     let unit = match parse_entry(s) {
+                        Ok(Entry::Unit(u)) => {
+                            if let Some(why) = refused_start_unit(&u) {
+                                return Err(err(
+                                    format!("{p}.start[{j}]"),
+                                    format!("{u} may not be a promoter start unit: {why}"),
+                                ));
+                            }
+                            u
+                        }
                         Ok(e) => super::units::unit_of(&e, &r.name),
                         Err(m) => return Err(err(format!("{p}.start[{j}]"), m)),
                     };
@@ -649,6 +743,39 @@ mod tests {
                 "spec.promoter.resources[0].evict[0]:",
             ),
         ];
+        for u in [
+            "-.mount",
+            "system.slice",
+            "init.scope",
+            "session-3.scope",
+            "dbus.service",
+            "kubelet.service",
+            "systemd-journald.service",
+            "systemd-udevd-control.socket",
+            "multi-user.target",
+            "dev-sda.device",
+            "user@0.service",
+            "drbd-services@r1.target",
+        ] {
+            let spec = PromoterSpec {
+                resources: vec![res("r0", &["a.service", u])],
+            };
+            let e = validate(&spec, base).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "spec.promoter.resources[0].start[1]: {u} may not be a promoter start unit: "
+                )),
+                "{e}"
+            );
+        }
+        for u in [
+            "srv-data.mount",
+            "nfs-server.service",
+            "my.target",
+            "app@r0.service",
+        ] {
+            assert_eq!(refused_start_unit(u), None, "{u}");
+        }
         for (spec, want) in cases {
             let e = validate(&spec, base).unwrap_err().to_string();
             assert!(e.starts_with(want), "{e}\n  wanted {want}");

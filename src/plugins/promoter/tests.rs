@@ -246,6 +246,13 @@ fn refuses_to_build_without_a_manager_unless_shell_only() {
         serde_json::json!([{"name": "r0", "start": ["true"], "runner": "shell"}]),
     );
     assert!(Promoter::from_spec(&shell, &PromoterOptions::default()).is_ok());
+    // an agent without the promoter (the chart's unprivileged default) refuses even the shell runner
+    let off = PromoterOptions {
+        enabled: false,
+        ..PromoterOptions::default()
+    };
+    let e = Promoter::from_spec(&shell, &off).err().unwrap().to_string();
+    assert!(e.contains("--allow-promoter=false"), "{e}");
     let bad = instance("p", serde_json::json!([{"name": "r0", "start": ["ocf:x"]}]));
     assert!(Promoter::from_spec(&bad, &env().opts).is_err());
 }

@@ -51,6 +51,9 @@ pub struct UmhOptions {
     pub script_dir: PathBuf,
     /// Command prefix for `where: host` (empty = run directly).
     pub host_exec: Vec<String>,
+    /// Whether `where: host` rules are accepted (`--allow-host-commands`; off in the chart's default,
+    /// unprivileged install: a policy with such a rule is then invalid, with the reason).
+    pub host_commands: bool,
 }
 
 impl Default for UmhOptions {
@@ -65,6 +68,7 @@ impl Default for UmhOptions {
         UmhOptions {
             script_dir,
             host_exec: shlex::split(DEFAULT_HOST_EXEC).unwrap_or_default(),
+            host_commands: true,
         }
     }
 }
@@ -254,6 +258,15 @@ impl Umh {
         let cfg: InstanceConfig = serde_json::from_value(spec.config.clone())
             .map_err(|e| config_err(format!("spec.umh: {e}")))?;
         let compiled = rules::compile(&cfg.spec).map_err(config_err)?;
+        if !opts.host_commands {
+            if let Some(r) = compiled.rules.iter().find(|r| r.location == Where::Host) {
+                return Err(config_err(format!(
+                    "{}: rule '{}' runs where: host, and this agent does not run host commands \
+                     (--allow-host-commands=false; the chart's umh.hostCommands is off, see docs/security.md)",
+                    r.path, r.name
+                )));
+            }
+        }
         let policy = spec.id.policy.clone();
         let dir = opts.script_dir.join(&policy);
         let mut prepared = Vec::new();

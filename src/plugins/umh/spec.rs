@@ -8,18 +8,101 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Schema of a field whose value may take several shapes (a value or a list, a value or `{equals: …}`).
-/// A CRD schema must be structural (one type per node), so these fields are declared as "any value"
-/// (`x-kubernetes-preserve-unknown-fields`) and checked by the agent, which reports errors that name
-/// the field on the policy's status.
-fn any_shape(description: &str) -> schemars::Schema {
-    schemars::json_schema!({
+/// A CRD schema must be structural (one type per node, no `type` inside `oneOf`), and CEL rules cannot
+/// see a node without a type, so these fields are declared as "any value"
+/// (`x-kubernetes-preserve-unknown-fields`) narrowed by keywords that apply to one JSON type each: an
+/// unsatisfiable pair (`minLength: 1` with `maxLength: 0`) refuses every value of that type, `items`
+/// types the list form. So the API server refuses what the agent cannot read where the schema can say
+/// it (`volume: "x"`, `resourceName: {a: 1}`); what is left (an unknown key in `{equals: …}`) is
+/// checked by the agent, which reports it on the policy's own status.
+fn any_shape(description: &str, shape: serde_json::Value) -> schemars::Schema {
+    let mut v = serde_json::json!({
         "description": description,
         "x-kubernetes-preserve-unknown-fields": true,
-    })
+    });
+    if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), shape) {
+        o.extend(extra);
+    }
+    schemars::Schema::try_from(v).expect("an object is a schema")
+}
+
+/// Keywords refusing every value of one JSON type (see [`any_shape`]).
+fn no_strings() -> serde_json::Value {
+    serde_json::json!({"minLength": 1, "maxLength": 0})
+}
+fn no_objects() -> serde_json::Value {
+    serde_json::json!({"minProperties": 1, "maxProperties": 0})
+}
+fn no_lists() -> serde_json::Value {
+    serde_json::json!({"minItems": 1, "maxItems": 0})
+}
+fn no_numbers() -> serde_json::Value {
+    serde_json::json!({"minimum": 1, "maximum": 0})
+}
+fn no_booleans() -> serde_json::Value {
+    serde_json::json!({"not": {"enum": [true, false]}})
+}
+/// Numbers must be whole, not negative and at most `max`.
+fn whole(max: u32) -> serde_json::Value {
+    serde_json::json!({"minimum": 0, "maximum": max, "multipleOf": 1})
+}
+
+fn merge(parts: &[serde_json::Value]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for p in parts {
+        if let serde_json::Value::Object(o) = p {
+            out.extend(o.clone());
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// What one element of a [`OneOrMany`] may be, as schema keywords on an untyped node.
+pub trait ItemShape {
+    /// Keywords for the single value (which is also the list form's item, minus lists).
+    fn keywords() -> serde_json::Value;
+    /// The `items` schema of the list form.
+    fn items() -> serde_json::Value;
+}
+
+impl ItemShape for String {
+    fn keywords() -> serde_json::Value {
+        merge(&[no_objects(), no_numbers(), no_booleans()])
+    }
+    fn items() -> serde_json::Value {
+        serde_json::json!({"type": "string"})
+    }
+}
+
+impl ItemShape for u32 {
+    fn keywords() -> serde_json::Value {
+        merge(&[no_objects(), no_strings(), no_booleans(), whole(u32::MAX)])
+    }
+    fn items() -> serde_json::Value {
+        serde_json::json!({"type": "integer", "minimum": 0, "maximum": u32::MAX})
+    }
+}
+
+impl ItemShape for Scalar {
+    fn keywords() -> serde_json::Value {
+        merge(&[no_objects(), no_lists()])
+    }
+    fn items() -> serde_json::Value {
+        merge(&[
+            serde_json::json!({"x-kubernetes-preserve-unknown-fields": true}),
+            no_objects(),
+            no_lists(),
+        ])
+    }
+}
+
+/// The keywords of a value-or-list of `T`.
+fn one_or_many<T: ItemShape>() -> serde_json::Value {
+    merge(&[T::keywords(), serde_json::json!({"items": T::items()})])
 }
 
 macro_rules! any_shape_schema {
-    ($t:ty, $name:literal, $desc:literal) => {
+    ($t:ty, $name:literal, $desc:literal, $shape:expr) => {
         impl JsonSchema for $t {
             fn inline_schema() -> bool {
                 true
@@ -28,7 +111,7 @@ macro_rules! any_shape_schema {
                 $name.into()
             }
             fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-                any_shape($desc)
+                any_shape($desc, $shape)
             }
         }
     };
@@ -82,7 +165,7 @@ pub enum OneOrMany<T> {
     Many(Vec<T>),
 }
 
-impl<T> JsonSchema for OneOrMany<T> {
+impl<T: ItemShape> JsonSchema for OneOrMany<T> {
     fn inline_schema() -> bool {
         true
     }
@@ -90,7 +173,10 @@ impl<T> JsonSchema for OneOrMany<T> {
         "OneOrMany".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        any_shape("One value, or a list of values (any of them).")
+        any_shape(
+            "One value, or a list of values (any of them).",
+            one_or_many::<T>(),
+        )
     }
 }
 
@@ -123,17 +209,27 @@ pub enum FieldFilter {
 any_shape_schema!(
     Scalar,
     "Scalar",
-    "A state name, a boolean (or yes/no/unknown) or a number."
+    "A state name, a boolean (or yes/no/unknown) or a number.",
+    Scalar::keywords()
 );
 any_shape_schema!(
     FieldFilter,
     "FieldFilter",
-    "A value or a list of values (= equals), or {equals: …} / {notEquals: …}."
+    "A value or a list of values (= equals), or {equals: …} / {notEquals: …}.",
+    // the keys of the operator form, and numbers, are the agent's to check (the CRD would grow by
+    // hundreds of kB, one copy per filter field)
+    serde_json::json!({"maxProperties": 2, "items": Scalar::items()})
 );
 any_shape_schema!(
     Changed,
     "Changed",
-    "true: fire only when a filtered field changed; a list of field names: when one of them changed."
+    "true: fire only when a filtered field changed; a list of field names: when one of them changed.",
+    merge(&[
+        no_objects(),
+        no_strings(),
+        no_numbers(),
+        serde_json::json!({"items": {"type": "string"}}),
+    ])
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
