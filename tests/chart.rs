@@ -979,6 +979,301 @@ fn chart_and_manifests_apply_to_a_real_kube_apiserver() {
     }
 }
 
+/// YAML files under the checked directories that are not Kubernetes objects, and what reads them instead.
+const NOT_KUBERNETES: &[(&str, &str)] = &[
+    (
+        "e2e/kind/cluster.yaml",
+        "kind's own cluster config (kind.x-k8s.io), read by `kind create cluster`",
+    ),
+    (
+        "e2e/kind/values.yaml",
+        "Helm values: the chart rendered with them is checked below",
+    ),
+    (
+        "examples/scenarios/",
+        "drbd-sim scenarios (tests/sim_cli.rs runs them)",
+    ),
+];
+
+/// Every `.yaml`/`.yml` file under `dir` (relative to the repository), sorted.
+fn yaml_files(dir: &str) -> Vec<String> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&root().join(dir), &mut out);
+    let mut rel: Vec<String> = out
+        .iter()
+        .map(|p| p.strip_prefix(root()).unwrap().display().to_string())
+        .collect();
+    rel.sort();
+    rel
+}
+
+/// The ```yaml blocks of the tracked Markdown files that are ReactorPolicies: (label "file:line", block).
+fn doc_policy_blocks() -> Vec<(String, String)> {
+    let files = run_ok(
+        Command::new("git")
+            .arg("-C")
+            .arg(root())
+            .args(["ls-files", "*.md"]),
+    );
+    let mut out = Vec::new();
+    for f in files.lines() {
+        let text = std::fs::read_to_string(root().join(f)).unwrap();
+        let mut block: Option<(usize, String)> = None;
+        for (i, line) in text.lines().enumerate() {
+            match &mut block {
+                None if line.trim_start().starts_with("```yaml")
+                    || line.trim_start().starts_with("```yml") =>
+                {
+                    block = Some((i + 1, String::new()))
+                }
+                Some((start, b)) if line.trim_start().starts_with("```") => {
+                    if b.lines().any(|l| l.trim() == "kind: ReactorPolicy") {
+                        out.push((format!("{f}:{start}"), std::mem::take(b)));
+                    }
+                    block = None;
+                }
+                Some((_, b)) => {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// `yaml` with every UMH `script: {path: P}` replaced by `script: {configMapRef: {name, key}}`, and how
+/// many there were.
+fn kubernetes_twin(yaml: &str) -> (String, usize) {
+    fn walk(v: &mut Value, n: &mut usize) {
+        match v {
+            Value::Mapping(m) => {
+                for (k, val) in m.iter_mut() {
+                    if k.as_str() == Some("script") && val.get("path").is_some() {
+                        let key = val["path"]
+                            .as_str()
+                            .unwrap_or("script")
+                            .rsplit('/')
+                            .next()
+                            .unwrap()
+                            .to_string();
+                        *val = serde_yaml::from_str(&format!(
+                            "{{configMapRef: {{name: policy-scripts, key: {key}}}}}"
+                        ))
+                        .unwrap();
+                        *n += 1;
+                    } else {
+                        walk(val, n);
+                    }
+                }
+            }
+            Value::Sequence(s) => s.iter_mut().for_each(|x| walk(x, n)),
+            _ => {}
+        }
+    }
+    let mut n = 0;
+    let out: Vec<String> = docs(yaml)
+        .into_iter()
+        .map(|mut d| {
+            walk(&mut d, &mut n);
+            // JSON, not YAML: serde_yaml writes the string "yes" unquoted, which kubectl reads as a bool.
+            serde_json::to_string(&d).unwrap()
+        })
+        .collect();
+    if n == 0 {
+        return (yaml.to_string(), 0);
+    }
+    (out.join("\n---\n"), n)
+}
+
+/// Point 4 of issue 17: every YAML the project ships for Kubernetes is checked by a real kube-apiserver
+/// with the shipped CRD installed: a server-side dry run (`--dry-run=server --validate=strict`), so
+/// admission, defaulting, the CRD's OpenAPI schema and its CEL rules all see each object. That covers
+/// `examples/`, `e2e/kind/`, `manifests/`, the chart rendered with every values file the project ships
+/// (defaults, e2e/kind/values.yaml, tests/infra/chart/values-all.yaml) and the ReactorPolicies in the
+/// Markdown files' ```yaml blocks.
+#[test]
+fn every_shipped_yaml_passes_a_server_side_dry_run() {
+    let test = "every_shipped_yaml_passes_a_server_side_dry_run";
+    let Some(env) = Envtest::start(test) else {
+        return;
+    };
+    run_ok(
+        env.kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(root().join("crds").join(CRD_FILE)),
+    );
+    run_ok(
+        Command::new(root().join("tests/infra/envtest/wait-established.sh"))
+            .arg(env.bin.join("kubectl"))
+            .arg(&env.kubeconfig)
+            .args(["reactorpolicies.reactor.drbd.io", "120"]),
+    );
+    run_ok(
+        env.kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(root().join("manifests/namespace.yaml")),
+    );
+    let dir = tempdir();
+    let dry_run = |label: &str, yaml: &str| -> Result<usize, String> {
+        let objs = docs(yaml);
+        if objs.is_empty() {
+            return Err(format!("{label}: no object"));
+        }
+        for o in &objs {
+            if o.get("apiVersion").is_none() || o.get("kind").is_none() {
+                return Err(format!("{label}: a document without apiVersion/kind"));
+            }
+        }
+        let f = dir.path().join("object.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let out = run(env
+            .kubectl()
+            .args([
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--validate=strict",
+                "-f",
+            ])
+            .arg(&f));
+        if out.status.success() {
+            Ok(objs.len())
+        } else {
+            Err(format!(
+                "{label}: {}",
+                clip(&String::from_utf8_lossy(&out.stderr))
+            ))
+        }
+    };
+
+    // The check can fail: the map form of promoter.resources that e2e/kind/promoter-policy.yaml had.
+    let old = "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata: {name: old-form}\nspec:\n  promoter:\n    resources:\n      e2e:\n        start: [x.service]\n";
+    let err = dry_run("the old map form", old)
+        .expect_err("the map form of promoter.resources was accepted");
+    assert!(err.contains("spec.promoter.resources"), "{err}");
+
+    // Policy files for `drbd-reactor agent --policy-dir` (examples/policies/, some docs) may name UMH
+    // scripts by `script.path`, which a CEL rule of the CRD refuses in Kubernetes (there it is
+    // `configMapRef`). Such a file is checked twice: as it is, the apiserver must refuse it for that
+    // reason alone; as its Kubernetes twin (each `script: {path}` made a `configMapRef`), it must pass.
+    let mut checked: Vec<(String, usize)> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut check = |label: String, yaml: &str| {
+        let (twin, n_paths) = kubernetes_twin(yaml);
+        if n_paths > 0 {
+            match dry_run(&label, yaml) {
+                Ok(_) => failed.push(format!("{label}: script.path accepted in Kubernetes")),
+                Err(e) => {
+                    let reasons: Vec<&str> =
+                        e.lines().filter(|l| l.contains("Invalid value")).collect();
+                    if reasons.len() != n_paths
+                        || !reasons
+                            .iter()
+                            .all(|r| r.contains("script.path is for policy files"))
+                    {
+                        failed.push(format!(
+                            "{label}: refused for other reasons than its {n_paths} script.path: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        match dry_run(&label, &twin) {
+            Ok(n) => checked.push((
+                if n_paths > 0 {
+                    format!("{label} (policy-dir file: its Kubernetes twin, {n_paths} script.path -> configMapRef)")
+                } else {
+                    label
+                },
+                n,
+            )),
+            Err(e) => failed.push(e),
+        }
+    };
+    for d in ["examples", "e2e/kind", "manifests"] {
+        for f in yaml_files(d) {
+            if NOT_KUBERNETES.iter().any(|(p, _)| f.starts_with(p)) {
+                continue;
+            }
+            let yaml = std::fs::read_to_string(root().join(&f)).unwrap();
+            check(f, &yaml);
+        }
+    }
+    let helm = env.bin.join("helm");
+    for (label, args) in [
+        ("charts/ (defaults, with crds/)", vec!["--include-crds"]),
+        (
+            "charts/ -f e2e/kind/values.yaml",
+            vec!["-f", "e2e/kind/values.yaml"],
+        ),
+        (
+            "charts/ -f tests/infra/chart/values-all.yaml (without the prometheus-operator kinds: no such CRDs here)",
+            vec!["-f", "tests/infra/chart/values-all.yaml"],
+        ),
+    ] {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.ends_with(".yaml") {
+                    root().join(a).display().to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let rest: Vec<String> = docs(&render(&helm, &args))
+            .iter()
+            .filter(|o| !str_at(o, "apiVersion").starts_with("monitoring.coreos.com/"))
+            .map(|o| serde_json::to_string(o).unwrap())
+            .collect();
+        check(label.to_string(), &rest.join("\n---\n"));
+    }
+    let blocks = doc_policy_blocks();
+    for (label, yaml) in &blocks {
+        check(label.clone(), yaml);
+    }
+    for (label, n) in &checked {
+        eprintln!("dry-run ok: {label} ({n} objects)");
+    }
+    for (p, why) in NOT_KUBERNETES {
+        eprintln!("not Kubernetes objects: {p}: {why}");
+    }
+    assert!(
+        failed.is_empty(),
+        "rejected by the apiserver:\n{}",
+        failed.join("\n")
+    );
+    // What must be among the checked: the files issue 17 names and the documented policies.
+    for must in [
+        "e2e/kind/promoter-policy.yaml",
+        "e2e/kind/umh-policy.yaml",
+        "examples/policies/umh.yaml",
+        "manifests/daemonset.yaml",
+        "README.md:",
+        "docs/promoter.md:",
+        "docs/umh.md:",
+        "docs/metrics.md:",
+    ] {
+        assert!(
+            checked.iter().any(|(l, _)| l.starts_with(must)),
+            "{must} was not checked: {checked:?}"
+        );
+    }
+}
+
 fn check_bad_policy_rejected(env: &Envtest, dir: &tempfile::TempDir) {
     let bad = "apiVersion: reactor.drbd.io/v1alpha1\nkind: ReactorPolicy\nmetadata: {name: bad}\nspec:\n  prometheus: {enums: maybe}\n";
     std::fs::write(dir.path().join("bad.yaml"), bad).unwrap();
