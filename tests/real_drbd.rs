@@ -10,6 +10,8 @@
 //! - `netns`: whether drbdsetup sees DRBD from another network namespace.
 //! - `umh_on_real_events`: UMH rules on a real quorum loss and a real kernel helper call.
 
+use serde::Deserialize;
+
 mod common;
 #[path = "real_drbd/promoter.rs"]
 mod promoter;
@@ -593,6 +595,68 @@ fn netns() {
         "{other}"
     );
     assert!(live.contains("destroy resource name:r0"), "{other}");
+
+    // The default install's capabilities (manifests/daemonset.yaml: all dropped, then a few added)
+    // are enough for the default --drbdsetup from a pod's own mount, UTS and network namespaces, and
+    // each of them is needed.
+    let caps = default_pod_capabilities();
+    assert!(
+        !caps.is_empty(),
+        "manifests/daemonset.yaml adds no capability"
+    );
+    let run_with = |caps: &[String]| {
+        let set: String = std::iter::once("-all".to_string())
+            .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",");
+        lab.exec(
+            1,
+            &format!(
+                "unshare --mount --uts --net -- setpriv --bounding-set {set} --inh-caps {set} -- \
+                   nsenter --target 1 --mount --uts -- drbdsetup events2 --now r0 2>&1"
+            ),
+        )
+    };
+    lab.sh(1, "drbdadm up r0");
+    let out = run_with(&caps).unwrap_or_else(|e| panic!("with {caps:?}: {e}"));
+    assert!(
+        out.contains("exists resource name:r0"),
+        "with {caps:?}: {out}"
+    );
+    eprintln!(
+        "the default pod's capabilities {caps:?} read DRBD's events2 from namespaces of their own"
+    );
+    for c in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|x| *x != c).cloned().collect();
+        let r = run_with(&fewer);
+        assert!(
+            r.as_ref().map_or(true, |o| !o.contains("exists resource")),
+            "without {c} it still works, so the default pod need not have it: {r:?}"
+        );
+    }
+    lab.sh(1, "drbdadm down r0");
+}
+
+/// The capabilities the default install (exporter only) adds to its container.
+fn default_pod_capabilities() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/daemonset.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        if v["kind"] == "DaemonSet" {
+            let add = &v["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+                ["capabilities"]["add"];
+            return add
+                .as_sequence()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|c| c.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+    panic!("{path}: no DaemonSet");
 }
 
 const UMH_POLICY: &str = "apiVersion: reactor.drbd.io/v1alpha1

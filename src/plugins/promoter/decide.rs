@@ -1018,6 +1018,12 @@ impl Res {
         }
     }
 
+    /// Whether the reason shows a countdown that runs without a deadline of the decision's own (a
+    /// backoff or a fail-back hold while another node is Primary): `/status` must keep refreshing it.
+    pub fn shows_countdown(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|b| b > now) || self.hold.as_ref().is_some_and(|h| h.0 > now)
+    }
+
     /// The next time this resource needs a [`Input::Tick`].
     pub fn next_wake(&self, t: &Timing) -> Option<Instant> {
         let detect = match self.detection {

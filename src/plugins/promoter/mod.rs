@@ -601,8 +601,10 @@ impl Plugin for Promoter {
                         run.files_error = files_error.clone();
                         run.publish();
                     }
-                    // Countdowns in the reasons ("waiting 3 s") refresh while a deadline is pending.
-                    _ = publish.tick(), if run.dirty || wake.is_some() => run.publish(),
+                    // Countdowns in the reasons ("waiting 3 s", "backing off 40 s") refresh while a
+                    // deadline is pending or a backoff runs (also while another node is Primary: the
+                    // backoff's end is then no deadline of the decision, and its text froze).
+                    _ = publish.tick(), if run.dirty || wake.is_some() || run.res.iter().any(|r| r.shows_countdown(Instant::now())) => run.publish(),
                 }
             }
 

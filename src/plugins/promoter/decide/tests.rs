@@ -1232,3 +1232,34 @@ fn after_a_fail_back_the_stopping_node_leaves_the_start_to_the_preferred_one() {
     h.at(120.0);
     assert_eq!(h.tick(), vec![Action::Start]);
 }
+
+/// A backoff while another node is Primary is no deadline of the decision (nothing to start then), but
+/// its countdown is shown: the plugin keeps refreshing `/status` on `shows_countdown` (the text froze
+/// for up to 20 s on the real-DRBD lab while the other nodes took their turns).
+#[test]
+fn a_backoff_while_a_peer_is_primary_has_no_wake_but_a_countdown() {
+    let mut h = H::new(spec(), "n1");
+    h.boot();
+    let mut t = 0.0;
+    for _ in 0..3 {
+        h.at(t);
+        assert_eq!(h.tick(), vec![Action::Start], "at {t}");
+        h.done(
+            ActionKind::Start,
+            Outcome::Failed("a.service failed".into()),
+        );
+        h.done(ActionKind::Stop, Outcome::Ok);
+        t = h.wake_secs().unwrap();
+    }
+    assert_eq!(t, 40.0 + 60.0);
+    // n2 takes its turn: not promotable here, n2 Primary
+    h.at(41.0);
+    let old = h.w.clone();
+    h.w.may_promote = false;
+    h.w.peers[0].2 = Role::Primary;
+    h.res_change(&old);
+    assert_eq!(h.wake_secs(), None, "nothing to decide while n2 is Primary");
+    let now = h.clock().mono;
+    assert!(h.res.shows_countdown(now));
+    assert!(!h.res.shows_countdown(h.t0 + Duration::from_secs(100)));
+}
