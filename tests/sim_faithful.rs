@@ -1332,3 +1332,51 @@ fn a_failed_handshake_on_one_side_cuts_that_peers_comparison_there() {
         .clone();
     assert!(common::faithful::failed_handshakes(&t, &conn).is_empty());
 }
+
+/// The other shape seen in `state_truth`: a connect attempt that fails before it is connected
+/// (`Connecting` → `BrokenPipe` → `Unconnected` → `Connecting`), with its path established for a moment
+/// and a `disconnected` helper call.
+#[test]
+fn a_failed_connect_attempt_on_one_side_cuts_that_peers_comparison_there() {
+    let c = |s: &str| format!("change connection name:r0 peer-node-id:1 conn-name:n2 {s}\n");
+    let path = |s: &str| {
+        format!("change path name:r0 peer-node-id:1 conn-name:n2 local:ipv4:10.0.0.1:7000 peer:ipv4:10.0.0.2:7000 {s}\n")
+    };
+    let head = String::from(
+        "exists resource name:r0 role:Secondary suspended:no\n\
+         exists connection name:r0 peer-node-id:1 conn-name:n2 connection:Connecting role:Unknown\n\
+         exists path name:r0 peer-node-id:1 conn-name:n2 local:ipv4:10.0.0.1:7000 peer:ipv4:10.0.0.2:7000 established:no\n\
+         exists -\n",
+    );
+    let tail = [
+        path("established:yes"),
+        c("connection:Connected role:Secondary"),
+        c("connection:Disconnecting role:Unknown"),
+        path("established:no"),
+        "call helper name:r0 peer-node-id:1 conn-name:n2 helper:disconnected\n".to_string(),
+        "response helper name:r0 peer-node-id:1 conn-name:n2 helper:disconnected status:0\n"
+            .to_string(),
+    ]
+    .concat();
+    let sim = format!("{head}{tail}");
+    let attempt = [
+        path("established:yes"),
+        c("connection:BrokenPipe"),
+        path("established:no"),
+        "call helper name:r0 peer-node-id:1 conn-name:n2 helper:disconnected\n".to_string(),
+        "response helper name:r0 peer-node-id:1 conn-name:n2 helper:disconnected status:0\n"
+            .to_string(),
+        c("connection:Unconnected"),
+        c("connection:Connecting"),
+    ]
+    .concat();
+    let real = format!("{head}{attempt}{tail}");
+    let strict = Normalize {
+        cut_at_failed_handshake: false,
+        ..Normalize::default()
+    };
+    assert!(!compare_named("sim", &sim, "real", &real, &strict).is_same());
+    let r = compare_named("sim", &sim, "real", &real, &Normalize::default());
+    assert!(r.is_same(), "{r}");
+    assert_eq!(r.truncated.len(), 1, "{r}");
+}

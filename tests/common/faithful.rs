@@ -656,7 +656,9 @@ pub fn compare_named(
 
 /// A connection's handshakes that failed: the index in its trace of a `connection:Connected` after
 /// which the connection broke again before any of its peer devices reached `replication:Established`
-/// (a link cut, a peer's power cut or `down` all come after replication was established).
+/// (a link cut, a peer's power cut or `down` all come after replication was established), or of a
+/// `connection:Connecting` that failed with a network error (`BrokenPipe`, `Timeout`, …; not an
+/// administrative `Disconnecting`) before it was ever connected.
 pub fn failed_handshakes(t: &Traces, conn: &ObjKey) -> Vec<usize> {
     let Some(trace) = t.objects.get(conn) else {
         return Vec::new();
@@ -667,19 +669,28 @@ pub fn failed_handshakes(t: &Traces, conn: &ObjKey) -> Vec<usize> {
     (0..trace.len().saturating_sub(1))
         .filter(|&i| {
             let (c, next) = (&trace[i], &trace[i + 1]);
-            state(c, "connection") == Some("Connected")
+            let failed_connect = state(c, "connection") == Some("Connecting")
                 && next.verb == "change"
-                && state(next, "connection") != Some("Connected")
-                && !t.objects.iter().any(|(k, pd)| {
-                    k.kind == "peer-device"
-                        && k.resource == conn.resource
-                        && k.peer == conn.peer
-                        && pd.iter().any(|x| {
-                            x.line > c.line
-                                && x.line < next.line
-                                && state(x, "replication") == Some("Established")
-                        })
-                })
+                && matches!(
+                    state(next, "connection"),
+                    Some(
+                        "BrokenPipe" | "NetworkFailure" | "ProtocolError" | "Timeout" | "TearDown"
+                    )
+                );
+            failed_connect
+                || state(c, "connection") == Some("Connected")
+                    && next.verb == "change"
+                    && state(next, "connection") != Some("Connected")
+                    && !t.objects.iter().any(|(k, pd)| {
+                        k.kind == "peer-device"
+                            && k.resource == conn.resource
+                            && k.peer == conn.peer
+                            && pd.iter().any(|x| {
+                                x.line > c.line
+                                    && x.line < next.line
+                                    && state(x, "replication") == Some("Established")
+                            })
+                    })
         })
         .collect()
 }
@@ -724,6 +735,34 @@ fn cut_failed_handshakes(
             for (k, tr) in t.objects.iter_mut() {
                 if same_peer(k) {
                     tr.retain(|x| x.line <= line);
+                }
+            }
+        }
+        // The order between objects differs between the streams, so a line cut leaves one side of an
+        // object a step or two longer: where one side is a prefix of the other, only the prefix counts.
+        let peer_keys: Vec<ObjKey> = a
+            .objects
+            .keys()
+            .chain(b.objects.keys())
+            .filter(|k| same_peer(k))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for k in peer_keys {
+            let la = a.objects.get(&k).map_or(0, Vec::len);
+            let lb = b.objects.get(&k).map_or(0, Vec::len);
+            let m = la.min(lb);
+            let prefix = match (a.objects.get(&k), b.objects.get(&k)) {
+                (Some(x), Some(y)) => x[..m].iter().zip(&y[..m]).all(|(p, q)| p.same(q)),
+                // an object one side does not have at all stays a difference
+                _ => false,
+            };
+            if prefix {
+                for t in [&mut *a, &mut *b] {
+                    if let Some(tr) = t.objects.get_mut(&k) {
+                        tr.truncate(m);
+                    }
                 }
             }
         }
