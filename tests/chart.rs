@@ -934,17 +934,7 @@ fn chart_and_manifests_apply_to_a_real_kube_apiserver() {
             }
         )
     });
-    run_ok(
-        Command::new(root().join("tests/infra/envtest/wait-established.sh"))
-            .arg(env.bin.join("kubectl"))
-            .arg(&env.kubeconfig)
-            .args(["reactorpolicies.reactor.drbd.io", "120"]),
-    );
-    run_ok(
-        env.kubectl()
-            .args(["apply", "--server-side", "-f"])
-            .arg(m.join("namespace.yaml")),
-    );
+    crd_established_and_namespace(&env);
     let mut dry = env.kubectl();
     dry.args(["apply", "--server-side", "--dry-run=server"]);
     for f in [
@@ -1114,17 +1104,7 @@ fn every_shipped_yaml_passes_a_server_side_dry_run() {
             .args(["apply", "--server-side", "-f"])
             .arg(root().join("crds").join(CRD_FILE)),
     );
-    run_ok(
-        Command::new(root().join("tests/infra/envtest/wait-established.sh"))
-            .arg(env.bin.join("kubectl"))
-            .arg(&env.kubeconfig)
-            .args(["reactorpolicies.reactor.drbd.io", "120"]),
-    );
-    run_ok(
-        env.kubectl()
-            .args(["apply", "--server-side", "-f"])
-            .arg(root().join("manifests/namespace.yaml")),
-    );
+    crd_established_and_namespace(&env);
     let dir = tempdir();
     let dry_run = |label: &str, yaml: &str| -> Result<usize, String> {
         let objs = docs(yaml);
@@ -1942,4 +1922,20 @@ fn dockerfile_parses_and_its_runtime_stage_has_what_the_binary_needs() {
             ),
     );
     assert!(out.contains("0 failed"), "{out}");
+}
+
+/// Waits until the ReactorPolicy CRD just applied is established, then creates the agent's namespace
+/// from manifests/.
+fn crd_established_and_namespace(env: &Envtest) {
+    run_ok(
+        Command::new(root().join("tests/infra/envtest/wait-established.sh"))
+            .arg(env.bin.join("kubectl"))
+            .arg(&env.kubeconfig)
+            .args(["reactorpolicies.reactor.drbd.io", "120"]),
+    );
+    run_ok(
+        env.kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(root().join("manifests/namespace.yaml")),
+    );
 }
