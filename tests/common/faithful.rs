@@ -695,6 +695,16 @@ pub fn failed_handshakes(t: &Traces, conn: &ObjKey) -> Vec<usize> {
         .collect()
 }
 
+/// The objects of either side that `keep` selects, each once, in key order.
+fn keys_of_both(a: &Traces, b: &Traces, keep: impl Fn(&ObjKey) -> bool) -> BTreeSet<ObjKey> {
+    a.objects
+        .keys()
+        .chain(b.objects.keys())
+        .filter(|k| keep(k))
+        .cloned()
+        .collect()
+}
+
 /// Truncates, on both sides, the objects of a peer at the first failed handshake only one side has
 /// (on the other side: at the transition the alignment pairs with it); returns what was cut.
 fn cut_failed_handshakes(
@@ -703,15 +713,7 @@ fn cut_failed_handshakes(
     a_name: &str,
     b_name: &str,
 ) -> Vec<String> {
-    let conns: Vec<ObjKey> = a
-        .objects
-        .keys()
-        .chain(b.objects.keys())
-        .filter(|k| k.kind == "connection")
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let conns = keys_of_both(a, b, |k| k.kind == "connection");
     let mut notes = Vec::new();
     for conn in conns {
         let (fa, fb) = (failed_handshakes(a, &conn), failed_handshakes(b, &conn));
@@ -740,16 +742,7 @@ fn cut_failed_handshakes(
         }
         // The order between objects differs between the streams, so a line cut leaves one side of an
         // object a step or two longer: where one side is a prefix of the other, only the prefix counts.
-        let peer_keys: Vec<ObjKey> = a
-            .objects
-            .keys()
-            .chain(b.objects.keys())
-            .filter(|k| same_peer(k))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for k in peer_keys {
+        for k in keys_of_both(a, b, same_peer) {
             let la = a.objects.get(&k).map_or(0, Vec::len);
             let lb = b.objects.get(&k).map_or(0, Vec::len);
             let m = la.min(lb);
